@@ -1,0 +1,3 @@
+from rtagger.cli import main
+
+main()
