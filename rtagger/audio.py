@@ -173,7 +173,7 @@ def iter_audio(
         rate = ctx.sample_rate or 0
         if rate <= 0:
             raise AudioError(name, "audio stream reports no sample rate")
-        expected_s = _expected_duration(container, stream)
+        expected_s = _expected_duration(container, stream, name)
         resampler = av.AudioResampler(format="fltp", layout=None, rate=SAMPLE_RATE)
         produced = 0
         try:
@@ -207,12 +207,37 @@ def _downmix(planar: np.ndarray, name: str) -> np.ndarray:
     return mono
 
 
-def _expected_duration(container, stream) -> float | None:
-    """Duration promised by the header, when the format states one reliably."""
+def _expected_duration(container, stream, name: str) -> float | None:
+    """Duration the file's header promises, when the format states one reliably.
+
+    FFmpeg estimates WAV durations from the file size, which hides truncation, so the RIFF
+    ``data`` chunk size is read directly; FLAC (STREAMINFO) and other formats with a
+    declared length report it as the stream duration.
+    """
+    if container.format.name == "wav" and not is_url(name):
+        return _wav_declared_duration(Path(name))
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
-    if container.duration is not None and container.format.name in ("wav", "aiff", "w64"):
-        return container.duration / 1_000_000
+    return None
+
+
+def _wav_declared_duration(path: Path) -> float | None:
+    with path.open("rb") as f:
+        head = f.read(1 << 16)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None  # RF64/W64 and friends: no cheap declared length
+    pos, fmt = 12, None
+    while pos + 8 <= len(head):
+        cid, size = head[pos : pos + 4], int.from_bytes(head[pos + 4 : pos + 8], "little")
+        if cid == b"fmt " and pos + 24 <= len(head):
+            rate = int.from_bytes(head[pos + 12 : pos + 16], "little")
+            block_align = int.from_bytes(head[pos + 20 : pos + 22], "little")
+            fmt = (rate, block_align)
+        elif cid == b"data":
+            if fmt is None or fmt[0] == 0 or fmt[1] == 0 or size in (0, 0xFFFFFFFF):
+                return None  # streamed WAVs leave the size unset
+            return size / fmt[1] / fmt[0]
+        pos += 8 + size + (size & 1)
     return None
 
 

@@ -1,0 +1,103 @@
+"""Shared fixtures: generated signals, encoded audio files, tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rtagger.audio import SAMPLE_RATE
+
+# (extension, codec, encoder sample format); all are FFmpeg encoders that PyAV ships.
+FORMATS = [
+    ("wav", "pcm_s16le", "s16"),
+    ("flac", "flac", "s16"),
+    ("ogg", "vorbis", "fltp"),
+    ("opus", "libopus", "fltp"),
+    ("mp3", "libmp3lame", "fltp"),
+    ("m4a", "aac", "fltp"),
+]
+
+
+def music_like(seconds: float, sr: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:
+    """A short deterministic 'song': chords of decaying partials, clicks and some noise."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * sr)
+    t = np.arange(n) / sr
+    x = np.zeros(n, np.float64)
+    beat = int(0.5 * sr)
+    for i, start in enumerate(range(0, n, beat)):
+        f0 = 220.0 * 2 ** (rng.integers(0, 12) / 12)
+        seg = slice(start, min(n, start + beat))
+        tt = t[seg] - t[start]
+        env = np.exp(-3.0 * tt)
+        for k, ratio in enumerate((1.0, 1.25, 1.5, 2.0)):
+            x[seg] += 0.12 / (k + 1) * env * np.sin(2 * np.pi * f0 * ratio * tt)
+        if i % 2 == 0:  # kick-like click on every other beat
+            x[seg][: 400] += 0.4 * np.exp(-np.arange(min(400, len(tt))) / 60.0)
+    x += 0.01 * rng.standard_normal(n)
+    return np.clip(x, -1, 1).astype(np.float32)
+
+
+def write_audio(path: Path, samples: np.ndarray, sr: int, codec: str, sample_fmt: str,
+                channels: int = 1) -> Path:
+    """Encode ``samples`` ((n,) or (channels, n) float32) with PyAV's FFmpeg encoders."""
+    import av
+
+    layout = "mono" if channels == 1 else "stereo"
+    planar = samples.reshape(channels, -1).astype(np.float32)
+    opts = {"strict": "experimental"} if codec == "vorbis" else {}
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=sr, layout=layout, options=opts)
+        stream.codec_context.options = opts
+        frame_size = stream.codec_context.frame_size or 1024
+        for start in range(0, planar.shape[1], frame_size):
+            chunk = planar[:, start : start + frame_size]
+            if sample_fmt == "s16":
+                data = (np.clip(chunk, -1, 1) * 32767).astype(np.int16).T.reshape(1, -1)
+            else:
+                data = np.ascontiguousarray(chunk)
+            frame = av.AudioFrame.from_ndarray(data, format=sample_fmt, layout=layout)
+            frame.sample_rate = sr
+            frame.pts = start
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="session")
+def song() -> np.ndarray:
+    """9 s of music-like audio at 16 kHz: 2 full windows and a partial one."""
+    return music_like(9.0)
+
+
+@pytest.fixture(scope="session")
+def encoded(tmp_path_factory, song) -> dict[str, Path]:
+    """The same song encoded in every supported format (44.1 kHz stereo; opus at 48 kHz)."""
+    import av
+
+    d = tmp_path_factory.mktemp("encoded")
+    files = {}
+    for ext, codec, fmt in FORMATS:
+        sr = 48_000 if codec == "libopus" else 44_100
+        # Upsample mono, then duplicate the channel (an FFmpeg mono->stereo upmix would
+        # scale by 1/sqrt(2)).
+        resampler = av.AudioResampler(format="fltp", layout="mono", rate=sr)
+        frame = av.AudioFrame.from_ndarray(song[None, :], format="fltp", layout="mono")
+        frame.sample_rate = SAMPLE_RATE
+        frame.pts = 0
+        up = np.concatenate([f.to_ndarray() for f in resampler.resample(frame)]
+                            + [f.to_ndarray() for f in resampler.resample(None)], axis=1)
+        up = np.concatenate([up, up])
+        files[ext] = write_audio(d / f"song.{ext}", up, sr, codec, fmt, channels=2)
+    return files
+
+
+@pytest.fixture(scope="session")
+def debug_model():
+    from rtagger.checkpoint import build_untrained
+
+    return build_untrained("debug", seed=0)

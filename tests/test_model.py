@@ -1,0 +1,80 @@
+"""Model shapes, configs and size targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rtagger.audio import WINDOW_SAMPLES
+from rtagger.errors import ConfigError
+from rtagger.model import (
+    AggregatorConfig,
+    ChunkTagger,
+    ContextAggregator,
+    TaggerConfig,
+    aggregator_config,
+    config_from_dict,
+    config_to_dict,
+    count_macs,
+    tagger_config,
+)
+
+
+def test_chunk_tagger_shapes():
+    cfg = tagger_config("debug", n_tags=7)
+    model = ChunkTagger(cfg).eval()
+    logits, emb = model(torch.randn(3, WINDOW_SAMPLES))
+    assert logits.shape == (3, 7)
+    assert emb.shape == (3, cfg.d_model)
+    assert cfg.tokens == 58 and cfg.bands_out == 16  # (2,2),(2,2),(2,1) pooling of 128x231
+
+
+def test_paper_teacher_configuration():
+    cfg = tagger_config("teacher", n_tags=50)
+    assert (cfg.conv_channels, cfg.d_model, cfg.n_layers, cfg.n_heads) == (128, 256, 4, 8)
+    assert cfg.pools == ((2, 2), (2, 2), (2, 1))
+    assert cfg.ff_mult == 4 and cfg.dropout == 0.1
+
+
+def test_student_is_at_most_a_tenth_of_the_teacher():
+    wave = torch.zeros(1, WINDOW_SAMPLES)
+    teacher = count_macs(ChunkTagger(tagger_config("teacher", 36)), wave)
+    student = count_macs(ChunkTagger(tagger_config("student", 36)), wave)
+    assert student <= teacher / 10
+
+
+def test_config_round_trip_and_validation():
+    cfg = tagger_config("student", 36, drop_path=0.1)
+    assert config_from_dict(TaggerConfig, config_to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="no fields"):
+        config_from_dict(TaggerConfig, {**config_to_dict(cfg), "bogus": 1})
+    with pytest.raises(ConfigError, match="divisible"):
+        TaggerConfig(n_tags=3, d_model=30, n_heads=4)
+    with pytest.raises(ConfigError, match="unknown model size"):
+        tagger_config("huge", 3)
+
+
+def test_aggregator_ignores_padded_windows():
+    torch.manual_seed(0)
+    agg = ContextAggregator(aggregator_config("debug", 5, d_in=12)).eval()
+    emb = torch.randn(1, 4, 12)
+    padded = torch.cat([emb, torch.randn(1, 3, 12) * 100], dim=1)
+    valid = torch.tensor([[True] * 4 + [False] * 3])
+    with torch.no_grad():
+        torch.testing.assert_close(agg(emb), agg(padded, valid), atol=1e-5, rtol=1e-5)
+
+
+def test_aggregator_context_is_bounded():
+    agg = ContextAggregator(AggregatorConfig(n_tags=2, d_in=4, d_model=8, n_layers=1,
+                                             n_heads=2, max_windows=3))
+    with pytest.raises(ConfigError, match="exceed"):
+        agg(torch.zeros(1, 4, 4))
+
+
+def test_drop_path_only_acts_in_training():
+    torch.manual_seed(0)
+    model = ChunkTagger(tagger_config("debug", 4, drop_path=0.5))
+    x = torch.randn(2, WINDOW_SAMPLES)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], model(x)[0])
