@@ -166,7 +166,9 @@ def sizes(n_tags: int = typer.Option(36, help="Number of output tags.")) -> None
 def _add_subcommands() -> None:
     try:
         from train.cli import data_app
-    except ImportError as e:  # train/ is part of the package; a broken install says so
+    except ModuleNotFoundError as e:
+        if e.name != "train":  # a missing dependency inside train/ must not be hidden
+            raise
         log.debug("training commands unavailable: %s", e)
         return
     app.add_typer(data_app, name="data")
