@@ -24,6 +24,26 @@ import torch
 from rtagger.model import ContextAggregator
 
 
+@torch.no_grad()
+def run_aggregator(aggregator: ContextAggregator, contexts: list[np.ndarray]) -> np.ndarray:
+    """Track probabilities for several contexts at once: ``(n, n_tags)`` float32.
+
+    ``contexts`` are ``(windows_i, d)`` arrays of different lengths; they are padded to the
+    longest and masked, so one call serves many streams (the inference worker batches them).
+    """
+    p = next(aggregator.parameters())
+    longest = max(len(c) for c in contexts)
+    d = contexts[0].shape[1]
+    emb = np.zeros((len(contexts), longest, d), np.float32)
+    valid = np.zeros((len(contexts), longest), bool)
+    for i, c in enumerate(contexts):
+        emb[i, : len(c)] = c
+        valid[i, : len(c)] = True
+    x = torch.from_numpy(emb).to(p.device, p.dtype)
+    mask = torch.from_numpy(valid).to(p.device)
+    return torch.sigmoid(aggregator(x, mask)).float().cpu().numpy()
+
+
 class TrackContext:
     def __init__(self, n_tags: int, aggregator: ContextAggregator | None = None) -> None:
         self.n_tags = n_tags
@@ -64,13 +84,21 @@ class TrackContext:
             return np.zeros(self.n_tags, np.float32)
         return (self._prob_sum / self._weight).astype(np.float32)
 
-    @torch.no_grad()
+    def context(self) -> np.ndarray | None:
+        """The embeddings the aggregator attends over, ``(windows, d)``; None for ``mean``."""
+        if self.aggregator is None or not self._embs:
+            return None
+        return np.stack(self._embs)
+
+    def set_track_probs(self, probs: np.ndarray) -> None:
+        """Accept aggregator output computed elsewhere (the batching inference worker)."""
+        self._cached = np.asarray(probs, np.float32)
+
     def track_probs(self) -> np.ndarray:
         """Current track-level probabilities (n_tags,), float32."""
-        if self.aggregator is None or not self._embs:
+        ctx = self.context()
+        if ctx is None:
             return self.mean_probs()
         if self._cached is None:
-            p = next(self.aggregator.parameters())
-            emb = torch.from_numpy(np.stack(self._embs)).to(p.device, p.dtype)[None]
-            self._cached = torch.sigmoid(self.aggregator(emb))[0].float().cpu().numpy()
+            self._cached = run_aggregator(self.aggregator, [ctx])[0]
         return self._cached

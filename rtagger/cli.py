@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextlib import nullcontext
 from enum import Enum
 from pathlib import Path
 
@@ -161,6 +162,180 @@ def sizes(n_tags: int = typer.Option(36, help="Number of output tags.")) -> None
                       f"{r['aggregator_macs_full_context']:,} ({r['aggregator_context_windows']}"
                       " windows)")
     out.print(table)
+
+
+def _run_live(blocks, start, view, *, server: str | None, token: str | None, jsonl: bool,
+              model: str, device: str, aggregation: str, stream_id: str | None = None):
+    """Drive a live source locally or through a server, rendering messages as they come."""
+    import asyncio
+    import json
+
+    from rich.live import Live
+
+    def show(msg: dict) -> None:
+        view(msg)
+        if jsonl:
+            sys.stdout.write(json.dumps(msg) + "\n")
+            sys.stdout.flush()
+
+    async def run() -> dict:
+        if server is not None:
+            from rtagger.client import stream_to_server
+
+            return await stream_to_server(
+                server, blocks, sample_rate=start.sample_rate, channels=start.channels,
+                hop_s=start.hop_s, live=start.live, segment=start.segment, name=start.name,
+                token=token, on_message=show, stream_id=stream_id)
+        from rtagger.engines import create_engine
+        from rtagger.live import tag_live
+
+        tagger = _load_tagger(model, device, None, 16, aggregation)
+        show({"type": "started", "model": tagger.model_info()})
+
+        async def emit(msg: dict) -> None:
+            show(msg)
+
+        engine = create_engine(tagger.model, "torch", device)
+        return await tag_live(tagger.model, engine, blocks, start, emit,
+                              aggregation=aggregation)
+
+    live_display = not jsonl and out.is_terminal
+    with Live(view.render(), console=out, refresh_per_second=4, transient=False,
+              get_renderable=view.render) if live_display else nullcontext():
+        final = asyncio.run(run())
+    if not live_display and not jsonl:
+        out.print(view.render())
+    return final
+
+
+@app.command()
+def stream(
+    source: str = typer.Argument(..., help="Audio file or http/Icecast URL."),
+    server: str = typer.Option(None, "--server", help="ws:// URL of an rtagger server; "
+                               "without it, tag locally."),
+    realtime: bool = typer.Option(True, "--realtime/--no-realtime",
+                                  help="Pace to the wall clock (live) or send as fast as "
+                                  "possible (upload preview)."),
+    hop: float = typer.Option(1.0, "--hop", help="Seconds between windows."),
+    segment: bool = typer.Option(None, "--segment/--no-segment",
+                                 help="Detect track changes (default: on when --realtime)."),
+    model: str = typer.Option("default", "--model", "-m"),
+    device: str = typer.Option("cpu", "--device"),
+    aggregation: Aggregation = typer.Option(Aggregation.auto, "--aggregation"),
+    token: str = typer.Option(None, "--token", envvar="RTAGGER_TOKEN"),
+    jsonl: bool = typer.Option(False, "--jsonl", help="Print every protocol message as a "
+                               "JSON line instead of the live table."),
+) -> None:
+    """Tag a file or network stream progressively, locally or through a server."""
+    from rtagger.audio import SAMPLE_RATE
+    from rtagger.console import LiveView
+    from rtagger.protocol import Start
+    from rtagger.sources import file_blocks
+
+    start = Start("float32", SAMPLE_RATE, 1, hop, live=realtime,
+                  segment=realtime if segment is None else segment, name=Path(source).name)
+    try:
+        _run_live(file_blocks(source, realtime=realtime), start, LiveView(source),
+                  server=server, token=token, jsonl=jsonl, model=model, device=device,
+                  aggregation=aggregation.value)
+    except RtaggerError as e:
+        raise _fail(str(e), 1) from None
+    except OSError as e:  # connection refused, DNS...
+        raise _fail(f"cannot reach {server}: {e}", 1) from None
+
+
+@app.command()
+def listen(
+    device: str = typer.Option(None, "--device", "-d", help="Input device (index or name)."),
+    list_devices: bool = typer.Option(False, "--list-devices", help="List devices and exit."),
+    channels: int = typer.Option(1, "--channels", min=1, max=8),
+    samplerate: int = typer.Option(None, "--samplerate", help="Default: the device's."),
+    server: str = typer.Option(None, "--server", help="Publish to an rtagger server."),
+    hop: float = typer.Option(1.0, "--hop"),
+    seconds: float = typer.Option(None, "--seconds", help="Stop after this much audio."),
+    model: str = typer.Option("default", "--model", "-m"),
+    torch_device: str = typer.Option("cpu", "--torch-device"),
+    token: str = typer.Option(None, "--token", envvar="RTAGGER_TOKEN"),
+    jsonl: bool = typer.Option(False, "--jsonl"),
+) -> None:
+    """Tag live input from a sound card, printing tags as they change."""
+    from rtagger.console import LiveView
+    from rtagger.protocol import Start
+    from rtagger.sources import SoundCardSource
+    from rtagger.sources import list_devices as devices
+
+    try:
+        if list_devices:
+            out.print(devices(), highlight=False)
+            return
+        dev = int(device) if device is not None and device.isdigit() else device
+        card = SoundCardSource(dev, samplerate, channels)
+        view = LiveView(f"listening on {card.device_name} ({card.sample_rate} Hz)")
+        start = Start("float32", card.sample_rate, channels, hop, live=True, segment=True,
+                      name=card.device_name)
+
+        async def blocks():
+            async for b in card.blocks(seconds):
+                view.extra = {"overruns": str(card.overruns),
+                              "queue drops": str(card.dropped_blocks)}
+                yield b
+
+        final = _run_live(blocks(), start, view, server=server, token=token, jsonl=jsonl,
+                          model=model, device=torch_device, aggregation="auto")
+    except RtaggerError as e:
+        raise _fail(str(e), 1) from None
+    except KeyboardInterrupt:
+        return
+    err.print(f"input overruns: {card.overruns}, blocks dropped: {card.dropped_blocks}, "
+              f"windows dropped: {final.get('dropped', 0)}", highlight=False)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0: all)."),
+    port: int = typer.Option(8765, "--port"),
+    model: str = typer.Option("default", "--model", "-m"),
+    device: str = typer.Option("cpu", "--device"),
+    max_streams: int = typer.Option(64, "--max-streams", min=1),
+    max_batch: int = typer.Option(32, "--max-batch", min=1),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0.0),
+    token: str = typer.Option(None, "--token", envvar="RTAGGER_TOKEN",
+                              help="Require this shared token from clients."),
+    allow_origin: list[str] = typer.Option([], "--allow-origin",
+                                           help="Extra browser origins allowed."),
+    aggregation: Aggregation = typer.Option(Aggregation.auto, "--aggregation"),
+    no_dashboard: bool = typer.Option(False, "--no-dashboard"),
+) -> None:
+    """Serve live tagging over websockets (protocol v1) with a dashboard page."""
+    import asyncio
+
+    from rtagger.engines import create_engine
+    from rtagger.server import ServerConfig, TagServer
+
+    if aggregation is Aggregation.aggregator:
+        raise _fail("serve takes --aggregation auto or mean")
+    try:
+        tagger = _load_tagger(model, device, None, max_batch, aggregation.value)
+        engine = create_engine(tagger.model, "torch", device)
+    except RtaggerError as e:
+        raise _fail(str(e)) from None
+    config = ServerConfig(host=host, port=port, max_streams=max_streams, max_batch=max_batch,
+                          max_wait_s=max_wait_ms / 1000, token=token,
+                          allowed_origins=tuple(allow_origin), dashboard=not no_dashboard,
+                          aggregation=aggregation.value)
+
+    async def run() -> None:
+        async with TagServer(tagger.model, engine, config) as srv:
+            err.print(f"rtagger serving {srv.url} (dashboard http://{host}:{srv.port}/) "
+                      f"model {tagger.model.name}", highlight=False)
+            await srv.serve_forever()
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        err.print("stopped")
+    except OSError as e:
+        raise _fail(f"cannot listen on {host}:{port}: {e}") from None
 
 
 def _add_subcommands() -> None:

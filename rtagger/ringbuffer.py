@@ -92,6 +92,11 @@ class Windower:
         """Samples received so far."""
         return self._ring.written
 
+    @property
+    def emitted(self) -> int:
+        """Windows emitted so far."""
+        return self._index
+
     def push(self, block: np.ndarray) -> list[Window]:
         """Add a block of mono float32 samples; return the windows it completes."""
         if self._flushed:

@@ -1,0 +1,334 @@
+"""Websocket server (``rtagger serve``): many streams, one inference worker, live viewers.
+
+A thin asyncio adapter around the Sans-I/O parts: :mod:`rtagger.protocol` parses messages,
+:class:`~rtagger.stream.StreamSession` holds each stream's state, and
+:class:`~rtagger.live.SessionDriver` runs it against the shared
+:class:`~rtagger.worker.InferenceWorker`. State lives in per-connection objects; the server
+object only holds the registry of open streams (for admission control and subscribers).
+
+Safety: binds 127.0.0.1 unless told otherwise; optional shared token (``?token=`` or
+``Authorization: Bearer``); same-origin check for browsers (plus an allow list); maximum
+frame size and stream duration; nothing in the protocol names a file, so no client can make
+the server read or write its own files. One failing stream is logged with its traceback and
+closed with a reason; the others keep running.
+
+Subscribers (dashboards) get a bounded view of a stream: events (``segment``, ``final``)
+queue up to a limit, while ``update`` messages replace any update the viewer has not been
+sent yet, so a slow viewer sees the newest tags and never slows the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import secrets
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from importlib import resources
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from rtagger.checkpoint import TaggingModel
+from rtagger.engines import Engine
+from rtagger.live import DEFAULT_MAX_BACKLOG, SessionDriver
+from rtagger.protocol import (
+    End,
+    ProtocolError,
+    Start,
+    Subscribe,
+    encode,
+    error_msg,
+    parse_text,
+    started_msg,
+)
+from rtagger.stream import StreamSession
+from rtagger.worker import InferenceWorker
+
+log = logging.getLogger(__name__)
+
+CLOSE_POLICY = 1008  # protocol violation by the client
+CLOSE_TRY_LATER = 1013  # admission control
+CLOSE_INTERNAL = 1011
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_streams: int = 64
+    max_subscribers: int = 256
+    max_frame_bytes: int = 1 << 20  # 1 MiB: ~16 s of 16 kHz int16 mono per frame
+    max_duration_s: float = 12 * 3600.0
+    max_backlog: int = DEFAULT_MAX_BACKLOG
+    max_batch: int = 32
+    max_wait_s: float = 0.005
+    token: str | None = None
+    allowed_origins: tuple[str, ...] = ()
+    dashboard: bool = True
+    aggregation: str = "auto"  # auto | mean
+
+
+class Subscriber:
+    """A viewer's bounded outbox: queued events plus the single newest update."""
+
+    MAX_EVENTS = 64
+
+    def __init__(self, ws: ServerConnection) -> None:
+        self.ws = ws
+        self.events: deque[dict] = deque(maxlen=self.MAX_EVENTS)
+        self.latest: dict | None = None
+        self.replaced = 0
+        self.wake = asyncio.Event()
+
+    def offer(self, msg: dict) -> None:
+        if msg["type"] == "update":
+            if self.latest is not None:
+                self.replaced += 1
+            self.latest = msg
+        else:
+            self.events.append(msg)
+        self.wake.set()
+
+    async def pump(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            while self.events:
+                msg = self.events.popleft()
+                await self.ws.send(encode(msg))
+                if msg["type"] == "final":
+                    return
+            if self.latest is not None:
+                msg, self.latest = self.latest, None
+                await self.ws.send(encode(msg))
+
+
+@dataclass
+class _Stream:
+    session: StreamSession
+    name: str
+    subscribers: set[Subscriber] = field(default_factory=set)
+
+
+class TagServer:
+    def __init__(self, model: TaggingModel, engine: Engine,
+                 config: ServerConfig | None = None) -> None:
+        self.model = model
+        self.config = config or ServerConfig()
+        aggregator = model.aggregator if self.config.aggregation != "mean" else None
+        self.worker = InferenceWorker(engine, aggregator, max_batch=self.config.max_batch,
+                                      max_wait_s=self.config.max_wait_s)
+        self.streams: dict[str, _Stream] = {}
+        self.n_subscribers = 0
+        self._server = None
+        self._dashboard_html: bytes | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> TagServer:
+        c = self.config
+        self._server = await serve(
+            self._handle, c.host, c.port, max_size=c.max_frame_bytes,
+            process_request=self._process_request, ping_interval=20, ping_timeout=20,
+            close_timeout=5,
+        )
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.config.host}:{self.port}/"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        await asyncio.get_running_loop().run_in_executor(None, self.worker.close)
+
+    async def __aenter__(self) -> TagServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    # --- HTTP: auth, origin, dashboard ------------------------------------------------------
+
+    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        if self.config.token is not None and not self._authorized(request, url.query):
+            return conn.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
+        origin = request.headers.get("Origin")
+        if origin is not None and not self._origin_ok(origin, request.headers):
+            return conn.respond(HTTPStatus.FORBIDDEN, f"origin {origin} not allowed\n")
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None  # the websocket handshake continues
+        if url.path == "/api/streams":
+            return _json_response(self.list_streams())
+        if url.path in ("/", "/dashboard") and self.config.dashboard:
+            return _response(HTTPStatus.OK, self._dashboard(), "text/html; charset=utf-8")
+        return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
+
+    def _authorized(self, request: Request, query: str) -> bool:
+        token = self.config.token or ""
+        given = parse_qs(query).get("token", [""])[0]
+        auth = request.headers.get("Authorization", "")
+        if auth.startswith("Bearer "):
+            given = auth[len("Bearer "):]
+        return hmac.compare_digest(given.encode(), token.encode())
+
+    def _origin_ok(self, origin: str, headers: Headers) -> bool:
+        if origin in self.config.allowed_origins:
+            return True
+        host = headers.get("Host", "")
+        return urlsplit(origin).netloc == host  # same origin as the page we served
+
+    def _dashboard(self) -> bytes:
+        if self._dashboard_html is None:
+            self._dashboard_html = (resources.files("rtagger.data")
+                                    .joinpath("dashboard.html").read_bytes())
+        return self._dashboard_html
+
+    def list_streams(self) -> dict:
+        return {"streams": [
+            {"stream_id": sid, "name": s.name, "received_s": round(s.session.received_s, 2),
+             "segment": s.session.segment_id, "live": s.session.start.live,
+             "subscribers": len(s.subscribers), "dropped": s.session.dropped}
+            for sid, s in self.streams.items()
+        ], "max_streams": self.config.max_streams, "tags": self.model.tags}
+
+    # --- websocket connections ------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        try:
+            first = await ws.recv()
+            if isinstance(first, bytes):
+                raise ProtocolError("not_started", "binary audio before the start message")
+            msg = parse_text(first)
+            if isinstance(msg, Start):
+                await self._run_stream(ws, msg)
+            elif isinstance(msg, Subscribe):
+                await self._run_subscriber(ws, msg)
+            else:
+                raise ProtocolError("not_started", "end before start")
+        except ProtocolError as e:
+            log.info("client %s: %s", ws.remote_address, e)
+            await _send_error(ws, e.code, e.message, close=(
+                CLOSE_TRY_LATER if e.code == "stream_limit" else CLOSE_POLICY))
+        except ConnectionClosed:
+            pass  # the client went away; its stream was cleaned up below
+        except Exception:
+            # One broken stream must never take down the others: log, tell, close.
+            log.exception("stream from %s failed", ws.remote_address)
+            await _send_error(ws, "internal", "internal error on this stream",
+                              close=CLOSE_INTERNAL)
+
+    async def _run_stream(self, ws: ServerConnection, start: Start) -> None:
+        if len(self.streams) >= self.config.max_streams:
+            raise ProtocolError("stream_limit", f"server is at its limit of "
+                                                f"{self.config.max_streams} streams")
+        sid = start.stream_id or uuid.uuid4().hex[:12]
+        if sid in self.streams:
+            raise ProtocolError("bad_message", f"stream_id {sid!r} is already in use")
+        aggregator = self.worker.aggregator
+        session = StreamSession(sid, start, self.model.tags, aggregator,
+                                max_duration_s=self.config.max_duration_s)
+        entry = _Stream(session, start.name or sid)
+        self.streams[sid] = entry
+
+        async def emit(msg: dict) -> None:
+            for sub in entry.subscribers:
+                sub.offer(msg)
+            await ws.send(encode(msg))
+
+        driver = SessionDriver(session, self.worker, emit, max_backlog=self.config.max_backlog)
+        try:
+            await ws.send(encode(started_msg(sid, start, self.model.tags, self._model_info())))
+            driver.start()
+            async for message in ws:
+                if isinstance(message, bytes):
+                    await driver.feed(message)
+                    continue
+                msg = parse_text(message)
+                if isinstance(msg, End):
+                    await driver.end()
+                    await ws.close(1000, "stream complete")
+                    return
+                if isinstance(msg, Start):
+                    raise ProtocolError("already_started", "this connection already streams")
+                raise ProtocolError("bad_message", "subscribe on a streaming connection")
+            # The client closed without `end`: tell viewers, free everything.
+            for sub in entry.subscribers:
+                sub.offer(session.final_msg(session.context.mean_probs()) | {
+                    "reason": "disconnected"})
+        finally:
+            await driver.cancel()
+            del self.streams[sid]
+
+    async def _run_subscriber(self, ws: ServerConnection, msg: Subscribe) -> None:
+        entry = self.streams.get(msg.stream_id)
+        if entry is None:
+            raise ProtocolError("unknown_stream", f"no stream {msg.stream_id!r}")
+        if self.n_subscribers >= self.config.max_subscribers:
+            raise ProtocolError("stream_limit", "server is at its subscriber limit")
+        sub = Subscriber(ws)
+        entry.subscribers.add(sub)
+        self.n_subscribers += 1
+        try:
+            s = entry.session
+            await ws.send(encode(started_msg(s.stream_id, s.start, self.model.tags,
+                                             self._model_info()) | {"subscribed": True}))
+            pump = asyncio.ensure_future(sub.pump())
+            closed = asyncio.ensure_future(ws.wait_closed())
+            await asyncio.wait({pump, closed}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (pump, closed):
+                t.cancel()
+            if pump.done() and not pump.cancelled() and pump.exception() is None:
+                await ws.close(1000, "stream ended")
+        finally:
+            entry.subscribers.discard(sub)
+            self.n_subscribers -= 1
+
+    def _model_info(self) -> dict:
+        m = self.model
+        return {"name": m.name, "trained": m.trained, "weights_sha256": m.weights_sha256,
+                "engine": self.worker.engine.name, "aggregation":
+                "aggregator" if self.worker.aggregator is not None else "mean"}
+
+
+async def _send_error(ws: ServerConnection, err: str, message: str, *, close: int) -> None:
+    """Tell the client what went wrong, then close with a reason (best effort)."""
+    try:
+        await ws.send(encode(error_msg(err, message)))
+        await ws.close(close, err)
+    except ConnectionClosed:
+        pass  # it is already gone; nothing left to tell
+
+
+def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(body))),
+                       ("Cache-Control", "no-store")])
+    return Response(status.value, status.phrase, headers, body)
+
+
+def _json_response(doc: dict) -> Response:
+    return _response(HTTPStatus.OK, json.dumps(doc).encode(), "application/json")
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)

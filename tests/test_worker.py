@@ -1,0 +1,108 @@
+"""The inference worker: batching across callers, errors to every waiter, bounded queue."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from rtagger.aggregate import run_aggregator
+from rtagger.audio import WINDOW_SAMPLES
+from rtagger.engines import create_engine
+from rtagger.errors import RtaggerError
+from rtagger.worker import InferenceWorker, Overloaded
+
+
+class GatedEngine:
+    """A real engine behind a gate, so tests control when batches run."""
+
+    name = "gated"
+    device = "cpu"
+
+    def __init__(self, inner=None, fail: bool = False) -> None:
+        self.inner, self.fail = inner, fail
+        self.gate = threading.Event()
+        self.batches: list[int] = []
+
+    def run(self, windows):
+        self.gate.wait(10)
+        self.batches.append(len(windows))
+        if self.fail:
+            raise RuntimeError("device lost")
+        return self.inner.run(windows)
+
+
+def _windows(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.uniform(-0.5, 0.5, WINDOW_SAMPLES).astype(np.float32) for _ in range(n)]
+
+
+def test_requests_from_many_callers_share_batches(debug_model):
+    inner = create_engine(debug_model)
+    engine = GatedEngine(inner)
+    # A long max_wait: the batch closes when it is full (12 windows), not on a timer.
+    worker = InferenceWorker(engine, max_batch=12, max_wait_s=30.0)
+    wins = [_windows(2, i) for i in range(6)]
+    try:
+        futures = [worker.tag(w) for w in wins]
+        engine.gate.set()
+        results = [f.result(10) for f in futures]
+    finally:
+        worker.close()
+    assert engine.batches == [12]  # six callers, one batch
+    for w, (probs, emb) in zip(wins, results, strict=True):
+        ref_p, ref_e = inner.run(np.stack(w))
+        np.testing.assert_allclose(probs, ref_p, atol=1e-5)
+        np.testing.assert_allclose(emb, ref_e, atol=1e-5)
+
+
+def test_a_failing_batch_fails_every_waiting_request(debug_model):
+    engine = GatedEngine(fail=True)
+    worker = InferenceWorker(engine, max_batch=16, max_wait_s=0.05)
+    try:
+        futures = [worker.tag(_windows(1, i)) for i in range(3)]
+        engine.gate.set()
+        for f in futures:
+            with pytest.raises(RuntimeError, match="device lost"):
+                f.result(10)
+        assert worker.stats.errors >= 1
+    finally:
+        worker.close()
+
+
+def test_full_queue_refuses_at_once(debug_model):
+    engine = GatedEngine(create_engine(debug_model))
+    worker = InferenceWorker(engine, max_batch=1, max_wait_s=0.0, max_queue=2)
+    try:
+        worker.tag(_windows(1))  # taken by the thread, blocked at the gate
+        accepted = 0
+        with pytest.raises(Overloaded, match="queue full"):
+            for _ in range(10):
+                worker.tag(_windows(1))
+                accepted += 1
+        assert accepted <= 3
+    finally:
+        engine.gate.set()
+        worker.close()
+
+
+def test_aggregation_requests_batch_contexts_of_different_lengths(debug_model):
+    worker = InferenceWorker(create_engine(debug_model), debug_model.aggregator)
+    d = debug_model.aggregator.cfg.d_in
+    rng = np.random.default_rng(0)
+    contexts = [rng.standard_normal((n, d)).astype(np.float32) for n in (1, 5, 16)]
+    try:
+        got = worker.aggregate(contexts).result(10)
+    finally:
+        worker.close()
+    for c, g in zip(contexts, got, strict=True):
+        np.testing.assert_allclose(g, run_aggregator(debug_model.aggregator, [c])[0],
+                                   atol=1e-5)
+
+
+def test_stopped_worker_refuses_work(debug_model):
+    worker = InferenceWorker(create_engine(debug_model))
+    worker.close()
+    with pytest.raises(RtaggerError, match="stopped"):
+        worker.tag(_windows(1))
