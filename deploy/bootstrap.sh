@@ -19,7 +19,7 @@ for arg in "$@"; do
 done
 
 APT_RUNTIME=(libportaudio2)
-APT_DEV=(mma fluidsynth fluid-soundfont-gm timgm6mb-soundfont)
+APT_DEV=(mma fluidsynth fluid-soundfont-gm timgm6mb-soundfont pulseaudio pulseaudio-utils libasound2-plugins)
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 
