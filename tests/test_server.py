@@ -232,3 +232,33 @@ def test_server_error_surfaces_in_the_client(debug_model):
             with pytest.raises(ServerError, match="bad_audio"):
                 await stream_to_server(srv.url, bad_blocks(), sample_rate=SAMPLE_RATE)
     run(go())
+
+
+def test_every_message_matches_the_published_schema(debug_model):
+    jsonschema = pytest.importorskip("jsonschema")
+    from importlib import resources
+
+    schema = json.loads(resources.files("rtagger.data").joinpath(
+        "protocol_v1.schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    seen: list[dict] = []
+
+    async def go():
+        async with server(debug_model) as srv:
+            await stream_to_server(srv.url, blocks_of(np.zeros(5 * SAMPLE_RATE, np.float32)),
+                                   sample_rate=SAMPLE_RATE, live=False, on_message=seen.append)
+            msg, _ = await first_error(srv.url, "{oops")
+            seen.append(msg)
+    run(go())
+    client_msgs = [{"type": "start", "format": "float32", "sample_rate": 48000, "channels": 2,
+                    "hop_s": 1.0, "live": False, "segment": False, "stream_id": "a-1"},
+                   {"type": "end"}, {"type": "subscribe", "stream_id": "a-1"}]
+    kinds = set()
+    for m in seen + client_msgs:
+        validator.validate(m)
+        kinds.add(m["type"])
+    assert kinds >= {"started", "update", "final", "error", "start", "end", "subscribe"}
+    # a segment event from a session validates too
+    validator.validate({"type": "segment", "stream_id": "a-1", "segment": 1, "start_s": 31.0})
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate({"type": "start", "path": "/etc/passwd"})
