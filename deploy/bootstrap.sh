@@ -19,7 +19,8 @@ for arg in "$@"; do
 done
 
 APT_RUNTIME=(libportaudio2)
-APT_DEV=(mma fluidsynth fluid-soundfont-gm timgm6mb-soundfont pulseaudio pulseaudio-utils libasound2-plugins)
+APT_DEV=(mma fluidsynth fluid-soundfont-gm timgm6mb-soundfont pulseaudio pulseaudio-utils
+         libasound2-plugins chromium fonts-dejavu-core)
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 

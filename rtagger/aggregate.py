@@ -32,16 +32,38 @@ def run_aggregator(aggregator: ContextAggregator, contexts: list[np.ndarray]) ->
     longest and masked, so one call serves many streams (the inference worker batches them).
     """
     p = next(aggregator.parameters())
+    emb, valid = pad_contexts(contexts)
+    x = torch.from_numpy(emb).to(p.device, p.dtype)
+    mask = torch.from_numpy(valid).to(p.device)
+    return torch.sigmoid(aggregator(x, mask)).float().cpu().numpy()
+
+
+def pad_contexts(contexts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``(windows_i, d)`` arrays -> ``(n, longest, d)`` float32 and ``(n, longest)`` valid."""
     longest = max(len(c) for c in contexts)
-    d = contexts[0].shape[1]
-    emb = np.zeros((len(contexts), longest, d), np.float32)
+    emb = np.zeros((len(contexts), longest, contexts[0].shape[1]), np.float32)
     valid = np.zeros((len(contexts), longest), bool)
     for i, c in enumerate(contexts):
         emb[i, : len(c)] = c
         valid[i, : len(c)] = True
-    x = torch.from_numpy(emb).to(p.device, p.dtype)
-    mask = torch.from_numpy(valid).to(p.device)
-    return torch.sigmoid(aggregator(x, mask)).float().cpu().numpy()
+    return emb, valid
+
+
+def context_indices(n_windows: int, max_windows: int) -> list[int]:
+    """Which of a segment's first ``n_windows`` windows a :class:`TrackContext` keeps.
+
+    The same thinning as :meth:`TrackContext.add`, as a pure function: training builds
+    aggregator inputs with it so they look like the contexts seen live.
+    """
+    kept: list[int] = []
+    stride = 1
+    for i in range(n_windows):
+        if i % stride == 0:
+            kept.append(i)
+            if len(kept) > max_windows:
+                kept = kept[::2]
+                stride *= 2
+    return kept
 
 
 class TrackContext:

@@ -257,6 +257,7 @@ class TagServer:
             await ws.send(encode(msg))
 
         driver = SessionDriver(session, self.worker, emit, max_backlog=self.config.max_backlog)
+        ended = False
         try:
             await ws.send(encode(started_msg(sid, start, self.model.tags, self._model_info())))
             driver.start()
@@ -266,19 +267,25 @@ class TagServer:
                     continue
                 msg = parse_text(message)
                 if isinstance(msg, End):
-                    await driver.end()
+                    await driver.end()  # viewers got the final through emit
+                    ended = True
+                    # Unregister before the close handshake: a late subscriber must not
+                    # attach to a stream whose final was already sent.
+                    self.streams.pop(sid, None)
                     await ws.close(1000, "stream complete")
                     return
                 if isinstance(msg, Start):
                     raise ProtocolError("already_started", "this connection already streams")
                 raise ProtocolError("bad_message", "subscribe on a streaming connection")
-            # The client closed without `end`: tell viewers, free everything.
-            for sub in entry.subscribers:
-                sub.offer(session.final_msg(session.context.mean_probs()) | {
-                    "reason": "disconnected"})
         finally:
+            self.streams.pop(sid, None)
             await driver.cancel()
-            del self.streams[sid]
+            if not ended:
+                # Error or vanished client: viewers still get a final, so none waits forever.
+                final = session.final_msg(session.context.mean_probs()) | {
+                    "reason": "disconnected"}
+                for sub in entry.subscribers:
+                    sub.offer(final)
 
     async def _run_subscriber(self, ws: ServerConnection, msg: Subscribe) -> None:
         entry = self.streams.get(msg.stream_id)

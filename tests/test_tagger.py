@@ -110,3 +110,15 @@ def test_track_context_spans_the_whole_segment_with_bounded_memory(debug_model):
     with torch.no_grad():
         ref = torch.sigmoid(agg(torch.ones(1, 1, d)))[0].numpy()
     np.testing.assert_allclose(ctx.track_probs(), ref, atol=1e-6)
+
+
+def test_context_indices_match_the_live_track_context(debug_model):
+    from rtagger.aggregate import context_indices
+
+    agg = debug_model.aggregator
+    m = agg.cfg.max_windows
+    for n in (1, m, m + 1, 3 * m + 5):
+        ctx = TrackContext(len(debug_model.tags), agg)
+        for i in range(n):
+            ctx.add(np.zeros(len(debug_model.tags)), np.full(agg.cfg.d_in, float(i)))
+        assert [int(e[0]) for e in ctx._embs] == context_indices(n, m)
