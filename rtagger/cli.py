@@ -340,13 +340,14 @@ def serve(
 
 def _add_subcommands() -> None:
     try:
-        from train.cli import data_app
+        from train.cli import data_app, train_app
     except ModuleNotFoundError as e:
         if e.name != "train":  # a missing dependency inside train/ must not be hidden
             raise
         log.debug("training commands unavailable: %s", e)
         return
     app.add_typer(data_app, name="data")
+    app.add_typer(train_app, name="train")
 
 
 _add_subcommands()

@@ -16,6 +16,7 @@ Sizes are named configs: ``teacher`` (the paper's), ``student`` (the real-time m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -40,8 +41,13 @@ class TaggerConfig:
     ff_mult: int = 4
     dropout: float = 0.1
     drop_path: float = 0.0  # stochastic depth (noisy-student training)
+    pooling: str = "cls"  # "cls" (the paper) or "mean" over tokens (CNN-only baseline)
 
     def __post_init__(self) -> None:
+        if self.pooling not in ("cls", "mean"):
+            raise ConfigError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
+        if self.pooling == "cls" and self.n_layers == 0:
+            raise ConfigError("a CLS token needs transformer layers; use pooling='mean'")
         if self.n_tags <= 0:
             raise ConfigError(f"n_tags must be positive, got {self.n_tags}")
         if self.d_model % self.n_heads:
@@ -223,8 +229,14 @@ class ChunkTagger(nn.Module):
         nn.init.trunc_normal_(self.pos, std=0.02)
         nn.init.trunc_normal_(self.cls, std=0.02)
 
-    def forward(self, wave: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.forward_mel(self.mel(wave))
+    def forward(self, wave: torch.Tensor,
+                mel_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mel_transform`` (training only) edits the log-mel, e.g. SpecAugment masks."""
+        mel = self.mel(wave)
+        if mel_transform is not None:
+            mel = mel_transform(mel)
+        return self.forward_mel(mel)
 
     def forward_mel(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.input_bn(mel.unsqueeze(1))  # (B, 1, n_mels, frames)
@@ -236,7 +248,7 @@ class ChunkTagger(nn.Module):
         x = self.in_drop(x)
         for blk in self.blocks:
             x = blk(x)
-        emb = self.norm(x[:, 0])
+        emb = self.norm(x[:, 0] if self.cfg.pooling == "cls" else x[:, 1:].mean(dim=1))
         return self.head(emb), emb
 
 

@@ -78,3 +78,11 @@ def test_drop_path_only_acts_in_training():
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x)[0], model(x)[0])
+
+
+def test_cnn_only_baseline_mean_pools_the_tokens():
+    cfg = tagger_config("debug", 5, n_layers=0, pooling="mean")
+    logits, emb = ChunkTagger(cfg).eval()(torch.randn(2, WINDOW_SAMPLES))
+    assert logits.shape == (2, 5) and emb.shape == (2, cfg.d_model)
+    with pytest.raises(ConfigError, match="needs transformer layers"):
+        tagger_config("debug", 5, n_layers=0)

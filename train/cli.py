@@ -1,4 +1,4 @@
-"""``rtagger data ...`` commands: building datasets for training and evaluation.
+"""``rtagger data ...`` and ``rtagger train ...``: building datasets and training models.
 
 Each data module keeps its own thin typer command next to its library functions and adds it
 here through ``register(app)``; heavy imports stay inside the commands.
@@ -6,13 +6,127 @@ here through ``register(app)``; heavy imports stay inside the commands.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
-from train import pool
+from rtagger.errors import RtaggerError
+from train import cache, pool
 
 data_app = typer.Typer(
     help="Build datasets: the synthetic labelled benchmark, the unlabelled pool, caches.",
     no_args_is_help=True,
 )
+train_app = typer.Typer(
+    help="Train models: teacher, noisy student, distilled student, context aggregator.",
+    no_args_is_help=True,
+)
 
 pool.register(data_app)
+cache.register(data_app)
+
+
+def _register_synth() -> None:
+    try:
+        from train import synth
+    except ModuleNotFoundError as e:
+        if e.name != "mido":
+            raise
+
+        @data_app.command("synth")
+        def synth_unavailable() -> None:
+            """Build the synthetic benchmark (needs the train extra: pip install rtagger[train])."""
+            typer.echo("error: `rtagger data synth` needs mido: pip install 'rtagger[train]'",
+                       err=True)
+            raise typer.Exit(2)
+
+        return
+    synth.register(data_app)
+
+
+_register_synth()
+
+
+def _fail(e: Exception) -> typer.Exit:
+    typer.echo(f"error: {e}", err=True)
+    return typer.Exit(2)
+
+
+@train_app.command("run")
+def run_recipe(
+    recipe: Path = typer.Argument(..., help="A recipe TOML (train/recipes/*.toml)."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default "
+                             "runs/<recipe name>)."),
+    set_: list[str] = typer.Option([], "--set", help="Override: section.key=value."),
+    device: str = typer.Option(None, "--device"),
+) -> None:
+    """Train one stage from a recipe; resumes from OUT/last.pt after a kill."""
+    from train.loop import train
+    from train.recipe import load_recipe
+    from train.tasks import make_task
+
+    try:
+        r = load_recipe(recipe, set_)
+        out = out or Path("runs") / r.name
+        best = train(make_task(r, out), r, out, device=device)
+    except RtaggerError as e:
+        raise _fail(e) from None
+    typer.echo(f"best checkpoint: {best}")
+
+
+@train_app.command("pseudo")
+def pseudo(
+    teacher: Path = typer.Option(..., "--teacher", help="Teacher checkpoint."),
+    manifest: list[Path] = typer.Option(..., "--manifest", help="Unlabelled manifest(s)."),
+    cache: Path = typer.Option(Path("data/cache"), "--cache"),
+    out: Path = typer.Option(..., "--out", "-o"),
+    hop: float = typer.Option(3.6905625, "--hop", help="Seconds between windows."),
+) -> None:
+    """Label every window of unlabelled audio with a teacher (resumable, torchrun-able).
+
+    Tags in the manifests are ignored: labelled songs can join the pool with labels hidden.
+    """
+    from train.manifest import read_manifest
+    from train.pseudo import pseudo_label
+
+    try:
+        tracks = [t for m in manifest for t in read_manifest(m)]
+        report = pseudo_label(teacher, tracks, cache, out, hop_s=hop)
+    except RtaggerError as e:
+        raise _fail(e) from None
+    typer.echo(f"{report.shards_written} shards written, {report.shards_skipped} already "
+               f"done, {report.windows} windows labelled -> {out}")
+
+
+@train_app.command("pipeline")
+def pipeline(
+    file: Path = typer.Argument(..., help="Pipeline TOML (train/recipes/pipeline*.toml)."),
+    root: Path = typer.Option(Path("."), "--root", help="Folder for data/ and runs/."),
+    only: str = typer.Option(None, "--only", help="Run just this step."),
+) -> None:
+    """Run every step of a pipeline in order; each step resumes where it stopped."""
+    from train.pipeline import run_pipeline
+
+    try:
+        run_pipeline(file, root, only)
+    except RtaggerError as e:
+        raise _fail(e) from None
+
+
+@train_app.command("evaluate")
+def evaluate(
+    model: Path = typer.Argument(..., help="Checkpoint to score."),
+    manifest: Path = typer.Option(..., "--manifest", help="Labelled manifest (e.g. test)."),
+    cache: Path = typer.Option(Path("data/cache"), "--cache"),
+    out: Path = typer.Option(..., "--out", "-o"),
+    hop: float = typer.Option(3.6905625, "--hop"),
+) -> None:
+    """ROC-AUC / PR-AUC per tag and group, window and song level, as JSON + Markdown + plots."""
+    from train.manifest import read_manifest
+    from train.scoring import score_and_report
+
+    try:
+        paths = score_and_report(model, read_manifest(manifest), cache, out, hop_s=hop)
+    except RtaggerError as e:
+        raise _fail(e) from None
+    typer.echo("\n".join(str(p) for p in paths))

@@ -1,0 +1,177 @@
+"""Training stages on a toy labelled set: learning, resume after a kill, pseudo-labels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_audio
+
+from rtagger.audio import SAMPLE_RATE
+from rtagger.checkpoint import load_model
+from rtagger.errors import ConfigError
+from train.cache import build_cache
+from train.loop import train
+from train.manifest import Track, write_manifest
+from train.pseudo import pseudo_label
+from train.recipe import load_recipe, recipe_from_dict
+from train.tasks import AggregatorTask, TaggerTask
+
+
+def _toy_song(kind: str, seconds: float, seed: int) -> np.ndarray:
+    """'piano': sustained tones; 'drums': noise bursts. Trivially separable."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    if kind == "piano":
+        f = 220 * 2 ** (rng.integers(0, 12) / 12)
+        x = 0.3 * np.sin(2 * np.pi * f * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 0.5 * t))
+    else:
+        x = np.zeros(n)
+        for s in range(0, n, SAMPLE_RATE // 4):
+            x[s : s + 800] = rng.uniform(-0.5, 0.5, min(800, n - s))
+    return x.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("toy")
+    splits = {"train": 8, "valid": 4}
+    for split, n in splits.items():
+        tracks = []
+        for i in range(n):
+            kind = "piano" if i % 2 == 0 else "drums"
+            p = write_audio(d / f"{split}-{i}.flac", _toy_song(kind, 8.0, hash((split, i)) % 999),
+                            SAMPLE_RATE, "flac", "s16")
+            tracks.append(Track(f"{split}-{i}", str(p), (kind,), split, 8.0))
+        write_manifest(d / f"{split}.jsonl", tracks)
+    report = build_cache([t for s in splits for t in _read(d / f"{s}.jsonl")], d / "cache",
+                         progress=False)
+    assert report.n_failed == 0
+    return d
+
+
+def _read(path):
+    from train.manifest import read_manifest
+
+    return read_manifest(path)
+
+
+def _recipe(toy, **over):
+    """A tiny recipe on the toy set; sections in ``over`` update the defaults."""
+    raw = {
+        "name": "toy", "stage": "tagger", "seed": 0,
+        "model": {"size": "debug", "dropout": 0.0},
+        "data": {"labelled": str(toy / "train.jsonl"), "valid": str(toy / "valid.jsonl"),
+                 "cache": str(toy / "cache"), "valid_windows_per_song": 2},
+        "optim": {"batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "max_steps": 12},
+        "eval": {"every_steps": 4, "patience": 10},
+    }
+    for key, value in over.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return recipe_from_dict(raw)
+
+
+def test_tagger_learns_the_toy_tags_and_writes_a_checkpoint(toy, tmp_path):
+    r = _recipe(toy, optim={"batch_size": 8, "max_steps": 30}, eval={"every_steps": 15})
+    best = train(TaggerTask(r), r, tmp_path / "run", progress=False)
+    model = load_model(best)
+    assert model.trained and model.name == "toy"
+    assert model.metrics["macro_pr_auc"] > 0.9  # separable toy data
+    assert model.recipe["name"] == "toy"
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["step"] for h in hist["history"]] == [15, 30]
+
+
+def test_a_killed_run_resumes_to_the_same_weights(toy, tmp_path, monkeypatch):
+    r = _recipe(toy)
+    straight = load_model(train(TaggerTask(r), r, tmp_path / "a", progress=False))
+
+    task = TaggerTask(r)
+    calls = {"n": 0}
+    real = task.batch
+
+    def dying(rng, n):
+        calls["n"] += 1
+        if calls["n"] == 7:  # after the step-4 checkpoint, before step 8
+            raise KeyboardInterrupt
+        return real(rng, n)
+
+    monkeypatch.setattr(task, "batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(task, r, tmp_path / "b", progress=False)
+    snap = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert snap["state"]["step"] == 4
+    resumed = load_model(train(TaggerTask(r), r, tmp_path / "b", progress=False))
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(),
+                         strict=True):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_resume_refuses_a_different_recipe(toy, tmp_path):
+    r = _recipe(toy, optim={"max_steps": 2}, eval={"every_steps": 2})
+    train(TaggerTask(r), r, tmp_path / "run", progress=False)
+    other = _recipe(toy, optim={"max_steps": 2, "lr": 1e-3}, eval={"every_steps": 2})
+    with pytest.raises(ConfigError, match="another recipe"):
+        train(TaggerTask(other), other, tmp_path / "run", progress=False)
+
+
+def test_pseudo_labels_resume_and_feed_a_noisy_student(toy, tmp_path):
+    r = _recipe(toy, optim={"max_steps": 4})
+    teacher = train(TaggerTask(r), r, tmp_path / "teacher", progress=False)
+    pool = _read(toy / "valid.jsonl")  # labels are ignored by pseudo-labelling
+    rep = pseudo_label(teacher, pool, toy / "cache", tmp_path / "pseudo", hop_s=2.0,
+                       progress=False)
+    assert rep.shards_written == 1 and rep.windows == 4 * 3
+    again = pseudo_label(teacher, pool, toy / "cache", tmp_path / "pseudo", hop_s=2.0,
+                         progress=False)
+    assert again.shards_written == 0 and again.shards_skipped == 1
+    student = _recipe(toy, name="student", model={"size": "debug", "drop_path": 0.1},
+                      data={"pseudo": [str(tmp_path / "pseudo")], "pseudo_ratio": 0.5},
+                      optim={"max_steps": 4, "batch_size": 8},
+                      augment={"pitch_p": 0.0, "noise_p": 0.5, "time_mask_p": 0.5})
+    task = TaggerTask(student)
+    waves, targets = task.batch(np.random.default_rng(0), 8)
+    assert waves.shape == (8, 59049)
+    soft = targets[4:].numpy()
+    assert ((soft > 0) & (soft < 1)).any()  # teacher probabilities, not hard labels
+    best = train(task, student, tmp_path / "student", progress=False)
+    assert load_model(best).name == "student"
+
+
+def test_aggregator_stage_trains_on_frozen_embeddings(toy, tmp_path):
+    r = _recipe(toy, optim={"max_steps": 4})
+    tagger = train(TaggerTask(r), r, tmp_path / "tagger", progress=False)
+    ar = _recipe(toy, name="agg", stage="aggregator",
+                 model={"size": "debug", "init": str(tagger)},
+                 aggregator={"max_windows": 4, "hop_s": 1.0},
+                 optim={"max_steps": 8, "lr": 1e-3})
+    task = AggregatorTask(ar, tmp_path / "agg")
+    (emb, valid), _ = task.batch(np.random.default_rng(0), 6)
+    assert emb.shape[1] <= 4 and valid.any(1).all()
+    best = train(task, ar, tmp_path / "agg", progress=False)
+    model = load_model(best)
+    assert model.aggregator is not None and model.aggregator.cfg.max_windows == 4
+    assert "aggregator_macro_pr_auc" in model.metrics
+    # the tagger inside is the frozen one, unchanged
+    base = load_model(tagger)
+    for a, b in zip(base.tagger.state_dict().values(), model.tagger.state_dict().values(),
+                    strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_recipe_errors_are_specific(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('name = "x"\n[optim]\nlearning_rate = 1\n')
+    with pytest.raises(ConfigError, match=r"unknown keys \['learning_rate'\]"):
+        load_recipe(p)
+    p.write_text('name = "x"\n[data]\npseudo_ratio = 0.5\n')
+    with pytest.raises(ConfigError, match=r"needs data\.pseudo"):
+        load_recipe(p)
+    p.write_text('name = "x"\n')
+    r = load_recipe(p, ["optim.lr=0.01", "model.size=teacher"])
+    assert r.optim.lr == 0.01 and r.model.size == "teacher"
+    with pytest.raises(ConfigError, match=r"no such file"):
+        load_recipe(tmp_path / "missing.toml")

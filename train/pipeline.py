@@ -1,0 +1,151 @@
+"""Pipelines: the whole semi-supervised recipe as a list of resumable steps in one TOML file.
+
+``rtagger train pipeline train/recipes/pipeline.toml`` runs, in order: building the
+synthetic benchmark and the unlabelled pool, the feature cache, the teacher, pseudo-labels,
+the noisy students, the aggregator and the evaluations. Every step resumes on its own (data
+builds skip finished songs, training continues from ``last.pt``, pseudo-labelling skips
+finished shards, a finished evaluation is not redone), so the pipeline can be killed at any
+moment and started again; ``--only NAME`` runs a single step.
+
+Step kinds (``[[steps]]`` tables, each with a ``name`` and ``run``):
+
+- ``synth``: ``split``, ``songs``, ``out``, optional ``seed``, ``min_seconds``, ``max_seconds``
+- ``pool``: ``out`` and optional ``sources``
+- ``cache``: ``manifests``, ``out``, optional ``jobs``
+- ``train``: ``recipe``, ``out``, optional ``set`` (overrides)
+- ``pseudo``: ``teacher``, ``manifests``, ``out``, optional ``cache``, ``hop_s``, and
+  ``exclude_labelled = {manifest, fraction, seed}`` to leave the labelled songs out
+- ``evaluate``: ``model``, ``manifest``, ``out``, optional ``cache``, ``hop_s``
+
+A top-level ``set = [...]`` applies recipe overrides to every train step (the debug pipeline
+shrinks the real recipes this way). Relative paths resolve against ``--root`` (default: the working directory), except recipe
+files, which resolve against the pipeline file's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import tomllib
+
+from rtagger.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+STEP_KINDS = ("synth", "pool", "cache", "train", "pseudo", "evaluate")
+
+
+def load_pipeline(path: str | Path) -> list[dict]:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"pipeline {path}: no such file") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"pipeline {path}: invalid TOML ({e})") from e
+    steps = raw.get("steps", [])
+    common = list(raw.get("set", []))  # overrides for every train step (e.g. debug sizes)
+    names = set()
+    for i, step in enumerate(steps):
+        kind, name = step.get("run"), step.get("name")
+        if kind not in STEP_KINDS:
+            raise ConfigError(f"{path} step {i}: run must be one of {STEP_KINDS}, got {kind!r}")
+        if not name or name in names:
+            raise ConfigError(f"{path} step {i}: every step needs a unique name")
+        names.add(name)
+        if kind == "train":
+            step["recipe"] = str((path.parent / step["recipe"]).resolve())
+            step["set"] = common + list(step.get("set", []))
+    return steps
+
+
+def run_pipeline(path: str | Path, root: str | Path = ".", only: str | None = None,
+                 progress: bool = True) -> None:
+    steps = load_pipeline(path)
+    if only is not None and only not in {s["name"] for s in steps}:
+        raise ConfigError(f"no step named {only!r} in {path}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    here = Path.cwd()
+    os.chdir(root)  # every relative data/run path of the steps and recipes lands in root
+    try:
+        for step in steps:
+            if only is not None and step["name"] != only:
+                continue
+            log.info("pipeline step %s (%s)", step["name"], step["run"])
+            _STEPS[step["run"]](step, progress)
+    finally:
+        os.chdir(here)
+
+
+def _synth(step: dict, progress: bool) -> None:
+    from train.synth import build_synth
+
+    build_synth(step["out"], step["split"], step["songs"], seed=step.get("seed", 0),
+                jobs=step.get("jobs"), min_s=step.get("min_seconds", 40.0),
+                max_s=step.get("max_seconds", 120.0), progress=progress)
+
+
+def _pool(step: dict, progress: bool) -> None:
+    from train.pool import build_pool
+
+    build_pool(step["out"], step.get("sources"), progress=progress)
+
+
+def _cache(step: dict, progress: bool) -> None:
+    from train.cache import build_cache
+    from train.manifest import read_manifest
+
+    tracks = [t for m in step["manifests"] for t in read_manifest(m)]
+    build_cache(tracks, step["out"], jobs=step.get("jobs", 1), progress=progress)
+
+
+def _train(step: dict, progress: bool) -> None:
+    from train.loop import train
+    from train.recipe import load_recipe
+    from train.tasks import make_task
+
+    recipe = load_recipe(step["recipe"], step.get("set", []))
+    out = Path(step["out"])
+    # A finished run returns at once: train() resumes from last.pt, which says so.
+    train(make_task(recipe, out), recipe, out, progress=progress)
+
+
+def _pseudo(step: dict, progress: bool) -> None:
+    from train.manifest import read_manifest
+    from train.pseudo import pseudo_label
+    from train.windows import labelled_subset
+
+    tracks = [t for m in step["manifests"] for t in read_manifest(m)]
+    ex = step.get("exclude_labelled")
+    if ex:
+        labelled = labelled_subset(read_manifest(ex["manifest"]), ex["fraction"],
+                                   ex.get("seed", 0))
+        skip = {t.id for t in labelled}
+        tracks = [t for t in tracks if t.id not in skip]
+    pseudo_label(step["teacher"], tracks, step.get("cache", "data/cache"), step["out"],
+                 hop_s=step.get("hop_s", 3.6905625), progress=progress)
+
+
+def _evaluate(step: dict, progress: bool) -> None:
+    from rtagger.checkpoint import load_model
+    from train.loop import atomic_write_text
+    from train.manifest import read_manifest
+    from train.scoring import score_and_report
+
+    out = Path(step["out"])
+    done = out / "done.json"  # written last: its presence means the report is complete
+    sha = load_model(step["model"]).weights_sha256
+    if done.exists() and json.loads(done.read_text()).get("weights_sha256") == sha:
+        return
+    score_and_report(step["model"], read_manifest(step["manifest"]),
+                     step.get("cache", "data/cache"), out, hop_s=step.get("hop_s", 3.6905625),
+                     progress=progress)
+    atomic_write_text(done, json.dumps({"model": step["model"], "weights_sha256": sha}))
+
+
+_STEPS = {"synth": _synth, "pool": _pool, "cache": _cache, "train": _train,
+          "pseudo": _pseudo, "evaluate": _evaluate}

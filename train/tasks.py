@@ -1,0 +1,256 @@
+"""Training stages for :func:`train.loop.train`: the window tagger and the track aggregator.
+
+``TaggerTask`` trains a :class:`~rtagger.model.ChunkTagger` on random crops of labelled
+songs (multiple-instance learning: a crop inherits its song's tags), optionally mixed with
+pseudo-labelled windows of unlabelled audio (soft teacher probabilities). Noise for the
+noisy student comes from the recipe: waveform augmentation, dropout, stochastic depth.
+Teacher, noisy student (expansion) and distilled compact student are this task with
+different recipes.
+
+``AggregatorTask`` trains a :class:`~rtagger.model.ContextAggregator` on sequences of
+window embeddings from a frozen tagger, supervised by song labels, with sequences cut at
+random lengths and thinned exactly like the live track context
+(:func:`rtagger.aggregate.context_indices`).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rtagger.aggregate import context_indices, pad_contexts
+from rtagger.audio import SAMPLE_RATE
+from rtagger.checkpoint import TaggingModel, load_model
+from rtagger.errors import ConfigError
+from rtagger.model import (
+    ChunkTagger,
+    ContextAggregator,
+    aggregator_config,
+    tagger_config,
+)
+from rtagger.vocab import tag_groups_v1
+from train.cache import FeatureCache
+from train.manifest import read_manifest
+from train.recipe import Recipe
+from train.windows import (
+    EvalWindows,
+    LabelledWindows,
+    PseudoWindows,
+    labelled_subset,
+    multi_hot,
+    song_windows,
+    tag_list_for,
+)
+
+log = logging.getLogger(__name__)
+EVAL_BATCH = 32
+
+
+def macro_pr_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """Macro average precision over tags that have positives and negatives."""
+    from sklearn.metrics import average_precision_score
+
+    cols = [j for j in range(y_true.shape[1]) if 0 < y_true[:, j].sum() < len(y_true)]
+    if not cols:
+        raise ConfigError("no tag has both positive and negative examples in validation")
+    return float(np.mean([average_precision_score(y_true[:, j], y_score[:, j]) for j in cols]))
+
+
+def macro_roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    cols = [j for j in range(y_true.shape[1]) if 0 < y_true[:, j].sum() < len(y_true)]
+    return float(np.mean([roc_auc_score(y_true[:, j], y_score[:, j]) for j in cols]))
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _augmenters(recipe: Recipe):
+    """Waveform augmentation and log-mel masking from the recipe's ``[augment]`` table."""
+    table = dict(recipe.augment)
+    if not table or not table.pop("enabled", True):
+        return None, None
+    from train.augment import Augment, AugmentConfig, SpecMask
+
+    cfg = AugmentConfig.from_dict(table)
+    spec = SpecMask(cfg) if cfg.time_mask_p > 0 or cfg.freq_mask_p > 0 else None
+    return Augment(cfg), spec
+
+
+class TaggerTask:
+    def __init__(self, recipe: Recipe) -> None:
+        d = recipe.data
+        if not d.labelled or not d.valid:
+            raise ConfigError(f"{recipe.name}: data.labelled and data.valid are required")
+        self.recipe = recipe
+        self.cache = FeatureCache(d.cache)
+        train_tracks = read_manifest(d.labelled)
+        self.tags = tag_list_for(train_tracks)
+        labelled = labelled_subset(train_tracks, d.labelled_fraction, d.subset_seed)
+        self.labelled = LabelledWindows(labelled, self.cache, self.tags)
+        self.pseudo = (PseudoWindows(d.pseudo, self.cache, self.tags)
+                       if d.pseudo_ratio > 0 else None)
+        self.valid = EvalWindows(read_manifest(d.valid), self.cache, self.tags,
+                                 d.valid_windows_per_song)
+        m = recipe.model
+        self.model = ChunkTagger(tagger_config(m.size, len(self.tags), dropout=m.dropout,
+                                               drop_path=m.drop_path, **m.arch))
+        self.augment, self.spec_mask = _augmenters(recipe)
+        log.info("%s: %d labelled songs, %d pseudo windows, %d validation windows",
+                 recipe.name, len(self.labelled), len(self.pseudo or []),
+                 len(self.valid.items))
+
+    def batch(self, rng: np.random.Generator, n: int):
+        n_pseudo = round(n * self.recipe.data.pseudo_ratio) if self.pseudo is not None else 0
+        waves, targets = self.labelled.sample(rng, n - n_pseudo)
+        if n_pseudo:
+            pw, pt = self.pseudo.sample(rng, n_pseudo)
+            waves, targets = np.concatenate([waves, pw]), np.concatenate([targets, pt])
+        return torch.from_numpy(waves), torch.from_numpy(targets)
+
+    def loss_inputs(self, model: nn.Module, waves: torch.Tensor, gen: torch.Generator):
+        if self.augment is not None:
+            waves = self.augment(waves, generator=gen)
+        mask = None
+        if self.spec_mask is not None:
+            def mask(mel: torch.Tensor) -> torch.Tensor:
+                return self.spec_mask(mel, generator=gen)
+        logits, _ = model(waves, mel_transform=mask)
+        return logits
+
+    @torch.no_grad()
+    def predict_valid(self, model: nn.Module, device: torch.device):
+        """Window probabilities ``(windows, tags)`` and their song indices."""
+        probs, songs = [], []
+        for waves, idx in self.valid.batches(EVAL_BATCH):
+            logits, _ = model(torch.from_numpy(waves).to(device))
+            probs.append(torch.sigmoid(logits).float().cpu().numpy())
+            songs.append(idx)
+        return np.concatenate(probs), np.concatenate(songs)
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict:
+        probs, songs = self.predict_valid(_unwrap(model), device)
+        y_win = self.valid.targets[songs]
+        song_scores = np.stack([probs[songs == i].mean(0)
+                                for i in range(len(self.valid.tracks))])
+        return {
+            "macro_pr_auc": macro_pr_auc(self.valid.targets, song_scores),
+            "macro_roc_auc": macro_roc_auc(self.valid.targets, song_scores),
+            "window_macro_pr_auc": macro_pr_auc(y_win, probs),
+        }
+
+    def export(self, model: nn.Module, metrics: dict) -> TaggingModel:
+        tagger = copy.deepcopy(_unwrap(model)).cpu().eval()
+        groups = tag_groups_v1()
+        return TaggingModel(tagger, None, list(self.tags),
+                            {t: groups.get(t, "") for t in self.tags},
+                            name=self.recipe.name, trained=True,
+                            metrics={k: v for k, v in metrics.items() if np.isscalar(v)})
+
+
+class AggregatorTask:
+    """Train the track-context aggregator on embeddings of a frozen tagger."""
+
+    def __init__(self, recipe: Recipe, out_dir: str | Path) -> None:
+        d, a = recipe.data, recipe.aggregator
+        if not recipe.model.init:
+            raise ConfigError(f"{recipe.name}: model.init must name the frozen tagger "
+                              f"checkpoint whose embeddings the aggregator reads")
+        self.recipe = recipe
+        self.base = load_model(recipe.model.init)
+        self.tags = self.base.tags
+        self.cache = FeatureCache(d.cache)
+        train_tracks = labelled_subset(read_manifest(d.labelled), d.labelled_fraction,
+                                       d.subset_seed)
+        valid_tracks = read_manifest(d.valid)
+        hop = round(a.hop_s * SAMPLE_RATE)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.train_seqs, self.train_y = self._embed(train_tracks, hop, out / "emb-train.npz")
+        self.valid_seqs, self.valid_y = self._embed(valid_tracks, hop, out / "emb-valid.npz")
+        cfg = aggregator_config(recipe.model.size, len(self.tags),
+                                self.base.tagger.cfg.d_model, dropout=recipe.model.dropout,
+                                max_windows=a.max_windows)
+        self.model = ContextAggregator(cfg)
+
+    def _embed(self, tracks, hop: int, path: Path):
+        """Embeddings and window probabilities of every window, cached in ``path``."""
+        if path.exists():
+            z = np.load(path, allow_pickle=False)
+            if list(z["ids"]) == [t.id for t in tracks]:
+                offsets = z["offsets"]
+                seqs = [(z["emb"][a:b], z["probs"][a:b])
+                        for a, b in itertools.pairwise(offsets)]
+                return seqs, multi_hot(tracks, self.tags)
+        tagger = self.base.tagger.eval()
+        seqs = []
+        for tr in tracks:
+            length = round(self.cache.duration(tr) * SAMPLE_RATE)
+            starts = song_windows(length, 10**9, hop)
+            waves = np.stack([self.cache.window_pcm(tr, s) for s in starts])
+            with torch.no_grad():
+                logits, emb = tagger(torch.from_numpy(waves))
+            seqs.append((emb.numpy(), torch.sigmoid(logits).numpy()))
+        offsets = np.cumsum([0] + [len(e) for e, _ in seqs])
+        np.savez(path.with_suffix(".tmp.npz"), ids=np.array([t.id for t in tracks]),
+                 offsets=offsets, emb=np.concatenate([e for e, _ in seqs]),
+                 probs=np.concatenate([p for _, p in seqs]))
+        Path(path.with_suffix(".tmp.npz")).replace(path)
+        return seqs, multi_hot(tracks, self.tags)
+
+    def _context(self, emb: np.ndarray, n: int) -> np.ndarray:
+        return emb[context_indices(n, self.recipe.aggregator.max_windows)]
+
+    def batch(self, rng: np.random.Generator, n: int):
+        a = self.recipe.aggregator
+        idx = rng.integers(0, len(self.train_seqs), n)
+        ctxs = []
+        for i in idx:
+            emb = self.train_seqs[i][0]
+            # A growing live context: the first L windows of the song, L random.
+            length = int(rng.integers(min(a.min_windows, len(emb)), len(emb) + 1))
+            ctxs.append(self._context(emb, max(length, 1)))
+        return _pad(ctxs), torch.from_numpy(self.train_y[idx])
+
+    def loss_inputs(self, model: nn.Module, inputs, gen: torch.Generator):
+        emb, valid = inputs
+        return model(emb, valid)
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict:
+        ctxs = [self._context(e, len(e)) for e, _ in self.valid_seqs]
+        emb, valid = _pad(ctxs)
+        with torch.no_grad():
+            scores = torch.sigmoid(_unwrap(model)(emb.to(device), valid.to(device)))
+        agg = scores.float().cpu().numpy()
+        mean = np.stack([p.mean(0) for _, p in self.valid_seqs])
+        return {"macro_pr_auc": macro_pr_auc(self.valid_y, agg),
+                "macro_roc_auc": macro_roc_auc(self.valid_y, agg),
+                "mean_pool_macro_pr_auc": macro_pr_auc(self.valid_y, mean)}
+
+    def export(self, model: nn.Module, metrics: dict) -> TaggingModel:
+        agg = copy.deepcopy(_unwrap(model)).cpu().eval()
+        base = self.base
+        return TaggingModel(base.tagger, agg, list(self.tags), dict(base.tag_groups),
+                            name=self.recipe.name, trained=True,
+                            metrics={**base.metrics, **{f"aggregator_{k}": v
+                                                        for k, v in metrics.items()
+                                                        if np.isscalar(v)}})
+
+
+def _pad(ctxs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    emb, valid = pad_contexts(ctxs)
+    return torch.from_numpy(emb), torch.from_numpy(valid)
+
+
+def make_task(recipe: Recipe, out_dir: str | Path):
+    if recipe.stage == "tagger":
+        return TaggerTask(recipe)
+    return AggregatorTask(recipe, out_dir)
