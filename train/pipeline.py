@@ -18,8 +18,8 @@ Step kinds (``[[steps]]`` tables, each with a ``name`` and ``run``):
 - ``evaluate``: ``model``, ``manifest``, ``out``, optional ``cache``, ``hop_s``
 
 A top-level ``set = [...]`` applies recipe overrides to every train step (the debug pipeline
-shrinks the real recipes this way). Relative paths resolve against ``--root`` (default: the working directory), except recipe
-files, which resolve against the pipeline file's folder.
+shrinks the real recipes this way). Relative paths resolve against ``--root`` (default: the
+working directory), except recipe files, which resolve against the pipeline file's folder.
 """
 
 from __future__ import annotations

@@ -2,31 +2,179 @@
 
 An engine runs the window tagger on a batch: ``run(windows)`` takes ``(batch,
 WINDOW_SAMPLES)`` float32 samples at 16 kHz and returns ``(probs, embeddings)`` as float32
-numpy arrays of shapes ``(batch, n_tags)`` and ``(batch, d_model)``. Engines are not
-thread-safe: one thread (the inference worker) owns an engine.
+numpy arrays of shapes ``(batch, n_tags)`` (sigmoid applied) and ``(batch, d_model)``. The
+log-mel front end is part of every engine and runs on the engine's device.
+
+Backends:
+
+- ``torch`` (:mod:`.torch_engine`): eager PyTorch on CPU or CUDA; on CUDA optionally
+  fp16/bf16 autocast and CUDA graphs for fixed batch sizes.
+- ``onnx`` (:mod:`.onnx_engine`): ONNX Runtime on an exported graph (CPU, or CUDA with
+  ``onnxruntime-gpu``). The fastest engine on CPU (see docs/performance.md).
+- ``tensorrt`` (:mod:`.tensorrt_engine`): torch-tensorrt fp16, compiled once per
+  (model, GPU, TensorRT version) and cached on disk.
+
+``create_engine(model, "auto", device)`` picks the best engine available for the device;
+when the first choice (or the device itself) is missing it falls back, logs a warning and
+records why in the engine's ``fallback_reason``: a fallback is never silent. Asking for a
+named engine that cannot run raises :class:`~rtagger.errors.EngineUnavailable` instead.
+
+Optional backends are imported lazily, so ``import rtagger`` never needs onnxruntime or
+TensorRT.
+
+Thread safety: engines are not thread-safe. One thread (the inference worker) owns an
+engine and is the only one to call ``run``; other threads hand it windows through a queue.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import logging
 from typing import Protocol
 
 import numpy as np
 
+from rtagger.audio import WINDOW_SAMPLES
 from rtagger.checkpoint import TaggingModel
-from rtagger.errors import EngineUnavailable
+from rtagger.errors import ConfigError, EngineUnavailable
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("torch", "onnx", "tensorrt")
+# Preference of ``auto`` per device kind, best first (measured: docs/performance.md).
+AUTO_ORDER = {"cuda": ("tensorrt", "torch", "onnx"), "cpu": ("onnx", "torch")}
 
 
 class Engine(Protocol):
     name: str
     device: str
+    fallback_reason: str | None
 
     def run(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
+    def describe(self) -> dict: ...
 
-def create_engine(model: TaggingModel, engine: str = "torch", device: str = "cpu") -> Engine:
-    """Build a named engine for ``model``. Only ``torch`` exists so far."""
-    if engine in ("torch", "auto"):
+
+def check_windows(windows: np.ndarray) -> np.ndarray:
+    """Validate a batch of windows; return it as C-contiguous float32 ``(batch, samples)``."""
+    a = np.asarray(windows)
+    if a.ndim != 2 or a.shape[1] != WINDOW_SAMPLES or a.shape[0] == 0:
+        raise ConfigError(f"expected (batch >= 1, {WINDOW_SAMPLES}) windows, got {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def unavailable_reason(engine: str, device: str = "cpu") -> str | None:
+    """Why ``engine`` cannot run on ``device`` here, or None when it can."""
+    if engine not in ENGINES:
+        return f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)} or auto"
+    on_cuda = device.startswith("cuda")
+    if on_cuda and not cuda_available():
+        return f"device {device!r} requested but CUDA is not available"
+    if engine == "onnx":
+        if importlib.util.find_spec("onnxruntime") is None:
+            return "onnxruntime is not installed (pip install 'rtagger[onnx]')"
+        if on_cuda:
+            from rtagger.engines.onnx_engine import cuda_provider_available
+
+            if not cuda_provider_available():
+                return ("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu "
+                        "instead of onnxruntime)")
+    if engine == "tensorrt":
+        from rtagger.engines.tensorrt_engine import tensorrt_unavailable_reason
+
+        return tensorrt_unavailable_reason(device)
+    return None
+
+
+def available_engines(device: str = "cpu") -> list[str]:
+    """The engines that can run on ``device`` on this machine, in ``auto`` preference order."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    order = list(AUTO_ORDER[kind]) + [e for e in ENGINES if e not in AUTO_ORDER[kind]]
+    return [e for e in order if unavailable_reason(e, device) is None]
+
+
+def create_engine(model: TaggingModel, engine: str = "torch", device: str = "cpu",
+                  **options) -> Engine:
+    """Build engine ``engine`` (``torch``, ``onnx``, ``tensorrt`` or ``auto``) for ``model``.
+
+    ``options`` go to the engine's constructor (``precision``, ``cuda_graph_batch_sizes``,
+    ``threads``, ``max_batch``, ``cache_dir``, ...; see each engine). With ``auto``, options
+    the chosen engine does not take are dropped (logged at debug level).
+
+    Raises :class:`EngineUnavailable` when a named engine cannot run here, with the reason.
+    """
+    if engine == "auto":
+        return _create_auto(model, device, options)
+    reason = unavailable_reason(engine, device)
+    if reason is not None:
+        raise EngineUnavailable(f"engine {engine!r} on {device}: {reason}; available here: "
+                                f"{', '.join(available_engines('cpu')) or 'none'} (cpu)"
+                                + _cuda_note())
+    return _build(engine, model, device, options)
+
+
+def _create_auto(model: TaggingModel, device: str, options: dict) -> Engine:
+    skipped: list[str] = []
+    if device.startswith("cuda") and not cuda_available():
+        skipped.append(f"device {device!r} requested but CUDA is not available; using cpu")
+        device = "cpu"
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    for name in AUTO_ORDER[kind]:
+        reason = unavailable_reason(name, device)
+        if reason is not None:
+            skipped.append(f"{name}: {reason}")
+            continue
+        accepted = _accepted_options(name)
+        dropped = sorted(set(options) - accepted)
+        if dropped:
+            log.debug("engine auto -> %s: ignoring options %s", name, dropped)
+        try:
+            eng = _build(name, model, device, {k: v for k, v in options.items()
+                                               if k in accepted})
+        except EngineUnavailable as e:
+            skipped.append(f"{name}: {e}")
+            continue
+        if skipped:
+            eng.fallback_reason = "; ".join(skipped)
+            log.warning("engine auto fell back to %s on %s (%s)", name, device,
+                        eng.fallback_reason)
+        return eng
+    raise EngineUnavailable("no engine can run here: " + "; ".join(skipped))
+
+
+def _engine_class(name: str):
+    if name == "torch":
         from rtagger.engines.torch_engine import TorchEngine
 
-        return TorchEngine(model, device)
-    raise EngineUnavailable(f"unknown engine {engine!r}; available: torch")
+        return TorchEngine
+    if name == "onnx":
+        from rtagger.engines.onnx_engine import OnnxEngine
+
+        return OnnxEngine
+    from rtagger.engines.tensorrt_engine import TensorRTEngine
+
+    return TensorRTEngine
+
+
+def _accepted_options(name: str) -> set[str]:
+    params = inspect.signature(_engine_class(name).__init__).parameters
+    return {p.name for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _build(name: str, model: TaggingModel, device: str, options: dict) -> Engine:
+    unknown = set(options) - _accepted_options(name)
+    if unknown:
+        raise ConfigError(f"engine {name!r} takes no options {sorted(unknown)}; it takes "
+                          f"{sorted(_accepted_options(name))}")
+    return _engine_class(name)(model, device, **options)
+
+
+def _cuda_note() -> str:
+    return ", " + ", ".join(available_engines("cuda")) + " (cuda)" if cuda_available() else ""
