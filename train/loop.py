@@ -139,7 +139,8 @@ def train(task: Task, recipe: Recipe, out_dir: str | Path, *, progress: bool = T
     per_rank = max(1, recipe.optim.batch_size // info.world)
     bar = Bar(recipe.name, recipe.optim.max_steps, enabled=progress and info.main,
               completed=state.step, fields={"loss": ".4f", "windows/s": ".1f"})
-    t_last, seen = time.perf_counter(), 0
+    t_last, seen = time.perf_counter(), 0  # throughput shown live
+    t_eval, seen_eval = time.perf_counter(), 0  # throughput recorded per evaluation
     while state.step < recipe.optim.max_steps and not state.stopped:
         model.train()
         for g in opt.param_groups:
@@ -160,12 +161,17 @@ def train(task: Task, recipe: Recipe, out_dir: str | Path, *, progress: bool = T
         scaler.update()
         state.step += 1
         seen += len(targets) * info.world
+        seen_eval += len(targets) * info.world
         now = time.perf_counter()
         bar.advance(1, **{"loss": loss.item(), "windows/s": seen / max(now - t_last, 1e-9)})
         if now - t_last > 10:
             t_last, seen = now, 0
         if state.step % recipe.eval.every_steps == 0 or state.step == recipe.optim.max_steps:
-            state.stopped = _evaluate(task, model, recipe, state, out, info, dev)
+            rate = seen_eval / max(time.perf_counter() - t_eval, 1e-9)
+            state.stopped = _evaluate(task, model, recipe, state, out, info, dev,
+                                      {"train_windows_per_s": round(rate, 2),
+                                       "device": str(dev), "world": info.world})
+            t_eval, seen_eval = time.perf_counter(), 0
             if info.main:
                 atomic_torch_save(_snapshot(recipe, model, opt, scaler, gen, rng, state), last)
             if info.world > 1:  # every rank stops together
@@ -182,7 +188,7 @@ def train(task: Task, recipe: Recipe, out_dir: str | Path, *, progress: bool = T
 
 
 def _evaluate(task: Task, model: nn.Module, recipe: Recipe, state: TrainState, out: Path,
-              info: DistInfo, dev: torch.device) -> bool:
+              info: DistInfo, dev: torch.device, speed: dict) -> bool:
     """Evaluate on rank 0, keep the best checkpoint; returns True to stop early."""
     if not info.main:
         return False
@@ -190,7 +196,8 @@ def _evaluate(task: Task, model: nn.Module, recipe: Recipe, state: TrainState, o
     with torch.no_grad():
         metrics = task.evaluate(model, dev)
     value = metrics[recipe.eval.metric]
-    record = {"step": state.step, **{k: v for k, v in metrics.items() if np.isscalar(v)}}
+    record = {"step": state.step, **{k: v for k, v in metrics.items() if np.isscalar(v)},
+              **speed}
     state.history.append(record)
     log.info("%s step %d: %s = %.4f", recipe.name, state.step, recipe.eval.metric, value)
     if value > state.best:
