@@ -130,3 +130,56 @@ def evaluate(
     except RtaggerError as e:
         raise _fail(e) from None
     typer.echo("\n".join(str(p) for p in paths))
+
+
+@data_app.command("mixes")
+def mixes(
+    manifest: Path = typer.Option(..., "--manifest", help="Songs to mix (e.g. the test split)."),
+    out: Path = typer.Option(Path("data/mixes"), "--out", "-o"),
+    n: int = typer.Option(20, "--mixes", min=1),
+    per_mix: int = typer.Option(4, "--tracks-per-mix", min=2),
+    max_fade: float = typer.Option(8.0, "--max-crossfade", help="Seconds."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Simulated DJ mixes with crossfades and their true track boundaries."""
+    from train.manifest import read_manifest
+    from train.mixes import build_mixes
+
+    try:
+        built = build_mixes(read_manifest(manifest), out, n, tracks_per_mix=per_mix,
+                            max_crossfade_s=max_fade, seed=seed)
+    except RtaggerError as e:
+        raise _fail(e) from None
+    hours = sum(m.duration_s for m in built) / 3600
+    typer.echo(f"{len(built)} mixes, {hours:.2f} h, in {out}")
+
+
+@train_app.command("segeval")
+def segeval(
+    model: Path = typer.Argument(..., help="Checkpoint whose embeddings drive segmentation."),
+    mixes_dir: Path = typer.Option(Path("data/mixes"), "--mixes"),
+    hop: float = typer.Option(1.0, "--hop"),
+    tolerance: float = typer.Option(3.0, "--tolerance", help="Seconds."),
+    threshold: float = typer.Option(None, "--threshold", help="Segmenter cosine threshold."),
+    out: Path = typer.Option(None, "--out", "-o", help="Write the JSON result here."),
+) -> None:
+    """Track-change detection on simulated mixes: boundary F-measure, false boundaries/hour."""
+    import json
+    from dataclasses import replace
+
+    from rtagger.stream import SegmenterConfig
+    from train.mixes import evaluate_segmentation, read_mixes
+
+    cfg = SegmenterConfig() if threshold is None else replace(SegmenterConfig(),
+                                                              threshold=threshold)
+    found = read_mixes(mixes_dir)
+    if not found:
+        raise _fail(RtaggerError(f"no mixes in {mixes_dir}; run `rtagger data mixes`"))
+    try:
+        result = evaluate_segmentation(model, found, hop_s=hop, tolerance_s=tolerance, cfg=cfg)
+    except RtaggerError as e:
+        raise _fail(e) from None
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        out.write_text(text)
+    typer.echo(text)
