@@ -93,22 +93,11 @@ def build_mixes(tracks: list[Track], out_dir: str | Path, n_mixes: int, *,
 
 
 def _write_flac(path: Path, samples: np.ndarray) -> None:
-    import av
+    from train.synth import write_flac
 
     tmp = path.with_suffix(".part.flac")
-    with av.open(str(tmp), "w") as c:
-        s = c.add_stream("flac", rate=SAMPLE_RATE, layout="mono")
-        pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
-        for start in range(0, len(pcm), 4096):
-            frame = av.AudioFrame.from_ndarray(pcm[None, start : start + 4096], format="s16",
-                                               layout="mono")
-            frame.sample_rate = SAMPLE_RATE
-            frame.pts = start
-            for p in s.encode(frame):
-                c.mux(p)
-        for p in s.encode(None):
-            c.mux(p)
-    tmp.replace(path)
+    write_flac(tmp, samples)
+    tmp.replace(path)  # a mix file exists only when complete
 
 
 def boundary_scores(true_s: list[float], found_s: list[float], duration_s: float,
