@@ -29,8 +29,6 @@ import logging
 import os
 from pathlib import Path
 
-import tomllib
-
 from rtagger.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -39,13 +37,10 @@ STEP_KINDS = ("synth", "pool", "cache", "train", "pseudo", "evaluate")
 
 
 def load_pipeline(path: str | Path) -> list[dict]:
+    from train.recipe import read_toml
+
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ConfigError(f"pipeline {path}: no such file") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"pipeline {path}: invalid TOML ({e})") from e
+    raw = read_toml(path, "pipeline")
     steps = raw.get("steps", [])
     common = list(raw.get("set", []))  # overrides for every train step (e.g. debug sizes)
     names = set()

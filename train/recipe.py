@@ -159,17 +159,22 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return recipe_from_dict(raw, str(path))
 
 
+def read_toml(path: Path, what: str) -> dict:
+    """A TOML file as a dict; ConfigError naming the file for missing or invalid files."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{what} {path}: no such file") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} {path}: invalid TOML ({e})") from e
+
+
 def _read_with_base(path: Path, seen: tuple[Path, ...]) -> dict:
     """A recipe may start from another: ``base = "teacher.toml"`` (relative to itself).
 
     Tables are merged key by key, so a variant states only what differs.
     """
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ConfigError(f"recipe {path}: no such file") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"recipe {path}: invalid TOML ({e})") from e
+    raw = read_toml(path, "recipe")
     base = raw.pop("base", None)
     if base is None:
         return raw
