@@ -31,6 +31,11 @@ class OutputFormat(str, Enum):
     csv = "csv"
 
 
+ENGINE_OPTION = typer.Option(
+    "auto", "--engine", help="torch, onnx, tensorrt, or auto (the best available; a "
+    "fallback is reported).")
+
+
 class Aggregation(str, Enum):
     auto = "auto"
     mean = "mean"
@@ -43,7 +48,7 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def _load_tagger(model: str, device: str, hop: float | None, batch_size: int,
-                 aggregation: str, engine: str = "torch"):
+                 aggregation: str, engine: str = "auto"):
     from rtagger.checkpoint import bundled_model_path
     from rtagger.tagger import Tagger
 
@@ -54,8 +59,13 @@ def _load_tagger(model: str, device: str, hop: float | None, batch_size: int,
                   "version; using [bold]untrained:student[/bold]. Its scores are NOT tags. "
                   "Pass --model PATH for a trained checkpoint.", highlight=False)
         model = "untrained:student"
-    return Tagger(model, engine=engine, device=device, hop_s=hop, batch_size=batch_size,
-                  aggregation=aggregation)
+    tagger = Tagger(model, engine=engine, device=device, hop_s=hop, batch_size=batch_size,
+                    aggregation=aggregation)
+    reason = getattr(tagger.engine, "fallback_reason", None)
+    if reason:
+        err.print(f"[yellow]note:[/yellow] engine {tagger.engine.name}: {reason}",
+                  highlight=False)
+    return tagger
 
 
 @app.command()
@@ -70,6 +80,7 @@ def tag(
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     aggregation: Aggregation = typer.Option(Aggregation.auto, "--aggregation"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    engine: str = ENGINE_OPTION,
     plot: Path = typer.Option(None, "--plot", help="Write the taggram as PNG (a folder "
                               "when tagging several files)."),
     output: Path = typer.Option(None, "--output", "-o", help="Write JSON/CSV here "
@@ -79,7 +90,7 @@ def tag(
     from rtagger import report
 
     try:
-        tagger = _load_tagger(model, device, hop, batch_size, aggregation.value)
+        tagger = _load_tagger(model, device, hop, batch_size, aggregation.value, engine)
     except RtaggerError as e:
         raise _fail(str(e)) from None
     results, errors = [], []
@@ -165,7 +176,8 @@ def sizes(n_tags: int = typer.Option(36, help="Number of output tags.")) -> None
 
 
 def _run_live(blocks, start, view, *, server: str | None, token: str | None, jsonl: bool,
-              model: str, device: str, aggregation: str, stream_id: str | None = None):
+              model: str, device: str, aggregation: str, engine: str = "auto",
+              stream_id: str | None = None):
     """Drive a live source locally or through a server, rendering messages as they come."""
     import asyncio
     import json
@@ -186,17 +198,15 @@ def _run_live(blocks, start, view, *, server: str | None, token: str | None, jso
                 server, blocks, sample_rate=start.sample_rate, channels=start.channels,
                 hop_s=start.hop_s, live=start.live, segment=start.segment, name=start.name,
                 token=token, on_message=show, stream_id=stream_id)
-        from rtagger.engines import create_engine
         from rtagger.live import tag_live
 
-        tagger = _load_tagger(model, device, None, 16, aggregation)
+        tagger = _load_tagger(model, device, None, 16, aggregation, engine)
         show({"type": "started", "model": tagger.model_info()})
 
         async def emit(msg: dict) -> None:
             show(msg)
 
-        engine = create_engine(tagger.model, "torch", device)
-        return await tag_live(tagger.model, engine, blocks, start, emit,
+        return await tag_live(tagger.model, tagger.engine, blocks, start, emit,
                               aggregation=aggregation)
 
     live_display = not jsonl and out.is_terminal
@@ -222,6 +232,7 @@ def stream(
     model: str = typer.Option("default", "--model", "-m"),
     device: str = typer.Option("cpu", "--device"),
     aggregation: Aggregation = typer.Option(Aggregation.auto, "--aggregation"),
+    engine: str = ENGINE_OPTION,
     token: str = typer.Option(None, "--token", envvar="RTAGGER_TOKEN"),
     jsonl: bool = typer.Option(False, "--jsonl", help="Print every protocol message as a "
                                "JSON line instead of the live table."),
@@ -237,7 +248,7 @@ def stream(
     try:
         _run_live(file_blocks(source, realtime=realtime), start, LiveView(source),
                   server=server, token=token, jsonl=jsonl, model=model, device=device,
-                  aggregation=aggregation.value)
+                  aggregation=aggregation.value, engine=engine)
     except RtaggerError as e:
         raise _fail(str(e), 1) from None
     except OSError as e:  # connection refused, DNS...
@@ -255,6 +266,7 @@ def listen(
     seconds: float = typer.Option(None, "--seconds", help="Stop after this much audio."),
     model: str = typer.Option("default", "--model", "-m"),
     torch_device: str = typer.Option("cpu", "--torch-device"),
+    engine: str = ENGINE_OPTION,
     token: str = typer.Option(None, "--token", envvar="RTAGGER_TOKEN"),
     jsonl: bool = typer.Option(False, "--jsonl"),
 ) -> None:
@@ -281,7 +293,8 @@ def listen(
                 yield b
 
         final = _run_live(blocks(), start, view, server=server, token=token, jsonl=jsonl,
-                          model=model, device=torch_device, aggregation="auto")
+                          model=model, device=torch_device, aggregation="auto",
+                          engine=engine)
     except RtaggerError as e:
         raise _fail(str(e), 1) from None
     except KeyboardInterrupt:
@@ -304,19 +317,18 @@ def serve(
     allow_origin: list[str] = typer.Option([], "--allow-origin",
                                            help="Extra browser origins allowed."),
     aggregation: Aggregation = typer.Option(Aggregation.auto, "--aggregation"),
+    engine: str = ENGINE_OPTION,
     no_dashboard: bool = typer.Option(False, "--no-dashboard"),
 ) -> None:
     """Serve live tagging over websockets (protocol v1) with a dashboard page."""
     import asyncio
 
-    from rtagger.engines import create_engine
     from rtagger.server import ServerConfig, TagServer
 
     if aggregation is Aggregation.aggregator:
         raise _fail("serve takes --aggregation auto or mean")
     try:
-        tagger = _load_tagger(model, device, None, max_batch, aggregation.value)
-        engine = create_engine(tagger.model, "torch", device)
+        tagger = _load_tagger(model, device, None, max_batch, aggregation.value, engine)
     except RtaggerError as e:
         raise _fail(str(e)) from None
     config = ServerConfig(host=host, port=port, max_streams=max_streams, max_batch=max_batch,
@@ -325,7 +337,7 @@ def serve(
                           aggregation=aggregation.value)
 
     async def run() -> None:
-        async with TagServer(tagger.model, engine, config) as srv:
+        async with TagServer(tagger.model, tagger.engine, config) as srv:
             err.print(f"rtagger serving {srv.url} (dashboard http://{host}:{srv.port}/) "
                       f"model {tagger.model.name}", highlight=False)
             await srv.serve_forever()
@@ -339,6 +351,11 @@ def serve(
 
 
 def _add_subcommands() -> None:
+    from deploy.export import register as register_export
+    from rtagger.bench import register as register_bench
+
+    register_export(app)
+    register_bench(app)
     try:
         from train.cli import data_app, train_app
     except ModuleNotFoundError as e:

@@ -103,12 +103,16 @@ async def _client(url: str, idx: int, seconds: float, hop_s: float, block_s: flo
         await asyncio.wait_for(receiver, timeout=60)
 
 
-def _start_server(model: str, streams: int, device: str) -> tuple[subprocess.Popen, str]:
+def _start_server(model: str, streams: int, device: str,
+                  engine: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "rtagger", "serve", "--port", "0", "--model", model,
-         "--max-streams", str(streams), "--device", device, "--no-dashboard"],
+         "--max-streams", str(streams), "--device", device, "--engine", engine,
+         "--no-dashboard"],
         stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()
+    while line.startswith("note:"):  # e.g. an engine fallback notice
+        line = proc.stderr.readline()
     m = re.search(r"(ws://[\d.]+:\d+/)", line)
     if m is None:
         proc.kill()
@@ -123,11 +127,12 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def run_stream_bench(model: str = "untrained:student", streams: int = 64,
                      seconds: float = 30.0, hop_s: float = 1.0, block_s: float = 0.1,
-                     device: str = "cpu", url: str | None = None) -> dict:
+                     device: str = "cpu", engine: str = "auto",
+                     url: str | None = None) -> dict:
     """Run the benchmark; returns a JSON-ready dict. ``url`` targets a running server."""
     proc = None
     if url is None:
-        proc, url = _start_server(model, streams, device)
+        proc, url = _start_server(model, streams, device, engine)
     stats = [StreamStats() for _ in range(streams)]
 
     async def main() -> None:
@@ -150,7 +155,7 @@ def run_stream_bench(model: str = "untrained:student", streams: int = 64,
     late = lag_t > seconds / 2
     return {
         "streams": streams, "seconds": seconds, "hop_s": hop_s, "block_s": block_s,
-        "model": model, "device": device, "wall_s": round(wall, 2),
+        "model": model, "device": device, "engine": engine, "wall_s": round(wall, 2),
         "updates": sum(s.updates for s in stats),
         "expected_updates": streams * (1 + max(0, int((seconds * SAMPLE_RATE - WINDOW_SAMPLES)
                                                       // round(hop_s * SAMPLE_RATE))) + 1),

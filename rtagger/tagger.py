@@ -17,7 +17,7 @@ import numpy as np
 from rtagger.aggregate import TrackContext
 from rtagger.audio import SAMPLE_RATE, WINDOW_SAMPLES, Resampler, iter_audio, pcm_blocks
 from rtagger.checkpoint import TaggingModel, load_model
-from rtagger.engines import create_engine
+from rtagger.engines import Engine, create_engine
 from rtagger.errors import ConfigError
 from rtagger.ringbuffer import Window, Windower
 
@@ -79,14 +79,23 @@ class Tagger:
         self,
         model: str | Path | TaggingModel = "default",
         *,
-        engine: str = "torch",
+        engine: str | Engine = "torch",
         device: str = "cpu",
         hop_s: float | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         aggregation: str = "auto",
     ) -> None:
-        self.model = model if isinstance(model, TaggingModel) else load_model(model)
-        self.engine = create_engine(self.model, engine, device)
+        if isinstance(model, str | Path) and _is_export_dir(model):
+            # A deployed artefact (rtagger export): its own graph is the engine.
+            from deploy.export import load_exported, load_exported_model
+
+            self.model = load_exported_model(model)
+            self.engine = engine if not isinstance(engine, str) else load_exported(model,
+                                                                                   device)[0]
+        else:
+            self.model = model if isinstance(model, TaggingModel) else load_model(model)
+            self.engine = (engine if not isinstance(engine, str)
+                           else create_engine(self.model, engine, device))
         self.hop = WINDOW_SAMPLES if hop_s is None else round(hop_s * SAMPLE_RATE)
         Windower(self.hop)  # validates the hop early, with its error message
         if batch_size < 1:
@@ -182,6 +191,18 @@ class Tagger:
 
     def model_info(self) -> dict:
         m = self.model
-        return {"name": m.name, "trained": m.trained, "source": m.source,
+        info = {"name": m.name, "trained": m.trained, "source": m.source,
                 "weights_sha256": m.weights_sha256, "engine": self.engine.name,
                 "device": self.engine.device, "hop_s": self.hop / SAMPLE_RATE}
+        reason = getattr(self.engine, "fallback_reason", None)
+        if reason:
+            info["engine_fallback"] = reason  # reported, never silent
+        return info
+
+
+def _is_export_dir(path: str | Path) -> bool:
+    if not Path(path).is_dir():
+        return False
+    from deploy.export import is_export_dir
+
+    return is_export_dir(path)

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 ENGINES = ("torch", "onnx", "tensorrt")
 # Preference of ``auto`` per device kind, best first (measured: docs/performance.md).
 AUTO_ORDER = {"cuda": ("tensorrt", "torch", "onnx"), "cpu": ("onnx", "torch")}
+_GPU_ONLY_OPTIONS = {"precision", "cuda_graph_batch_sizes"}
 
 
 class Engine(Protocol):
@@ -125,6 +126,8 @@ def _create_auto(model: TaggingModel, device: str, options: dict) -> Engine:
     if device.startswith("cuda") and not cuda_available():
         skipped.append(f"device {device!r} requested but CUDA is not available; using cpu")
         device = "cpu"
+        # GPU-only settings cannot follow the fallback; the CPU path runs fp32.
+        options = {k: v for k, v in options.items() if k not in _GPU_ONLY_OPTIONS}
     kind = "cuda" if device.startswith("cuda") else "cpu"
     for name in AUTO_ORDER[kind]:
         reason = unavailable_reason(name, device)

@@ -39,6 +39,7 @@ from rtagger.model import ChunkTagger, ResBlock2d
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+CPU_CHUNK = 8  # windows per forward pass on CPU (see TorchEngine)
 
 
 class WindowModel(nn.Module):
@@ -123,13 +124,16 @@ class TorchEngine:
     ``cuda_graph_batch_sizes``: capture CUDA graphs for these batch sizes (CUDA only).
     ``threads``: torch intra-op threads (process-wide; default: torch's choice).
     ``optimize``: fold BatchNorm into the convolutions, channels-last weights (default True).
+    ``chunk``: windows per forward pass; larger batches are split (default 8 on CPU, where
+    that is faster per window; the whole batch on CUDA).
     """
 
     name = "torch"
 
     def __init__(self, model: TaggingModel, device: str = "cpu", *, precision: str = "fp32",
                  cuda_graph_batch_sizes: tuple[int, ...] | list[int] = (),
-                 threads: int | None = None, optimize: bool = True) -> None:
+                 threads: int | None = None, optimize: bool = True,
+                 chunk: int | None = None) -> None:
         self.device = device
         self._device = check_device(device)
         on_cuda = self._device.type == "cuda"
@@ -144,6 +148,12 @@ class TorchEngine:
             raise ConfigError("CUDA graphs need a CUDA device")
         if sizes and sizes[0] < 1:
             raise ConfigError(f"CUDA graph batch sizes must be >= 1, got {sizes}")
+        if chunk is not None and chunk < 1:
+            raise ConfigError(f"chunk must be >= 1, got {chunk}")
+        # On CPU a large batch runs slower per window than a small one: the CNN's
+        # activations (~1 MB per window in the first block) stop fitting in cache.
+        # Measured on 2 cores: 275 windows/s at batch 8, 142 at batch 64.
+        self.chunk = chunk or (CPU_CHUNK if not on_cuda else None)
         if threads is not None:
             if threads < 1:
                 raise ConfigError(f"threads must be >= 1, got {threads}")
@@ -174,8 +184,11 @@ class TorchEngine:
     def run(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = torch.from_numpy(check_windows(windows))
         if not self._graphs:
-            probs, emb = self._forward(x.to(self._device))
-            return probs.cpu().numpy(), emb.cpu().numpy()
+            step = self.chunk or x.shape[0]
+            outs = [self._forward(x[i : i + step].to(self._device))
+                    for i in range(0, x.shape[0], step)]
+            return (torch.cat([p for p, _ in outs]).cpu().numpy(),
+                    torch.cat([e for _, e in outs]).cpu().numpy())
         largest = max(self._graphs)
         out_p, out_e = [], []
         for start in range(0, x.shape[0], largest):
@@ -188,7 +201,7 @@ class TorchEngine:
 
     def describe(self) -> dict:
         return {"engine": self.name, "device": self.device, "precision": self.precision,
-                "cuda_graph_batch_sizes": sorted(self._graphs),
+                "cuda_graph_batch_sizes": sorted(self._graphs), "chunk": self.chunk,
                 "optimized": self.optimize, "threads": torch.get_num_threads(),
                 "fallback_reason": self.fallback_reason}
 

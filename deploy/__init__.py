@@ -1,0 +1,1 @@
+"""Deployment: exported model folders (ONNX, ExportedProgram, TensorRT) and serving assets."""
