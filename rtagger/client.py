@@ -53,7 +53,8 @@ async def stream_to_server(
              "name": name}
     if stream_id:
         start["stream_id"] = stream_id
-    async with connect(url, additional_headers=headers, max_size=1 << 22) as ws:
+    async with connect(url, additional_headers=headers, max_size=1 << 22,
+                       compression=None) as ws:  # PCM barely compresses
         await ws.send(json.dumps(start))
         final: dict = {}
 

@@ -139,6 +139,8 @@ class TagServer:
             self._handle, c.host, c.port, max_size=c.max_frame_bytes,
             process_request=self._process_request, ping_interval=20, ping_timeout=20,
             close_timeout=5,
+            # PCM barely compresses, and deflating every frame costs both ends CPU.
+            compression=None,
         )
         return self
 

@@ -54,13 +54,16 @@ def _audio(seconds: float, seed: int) -> np.ndarray:
 
 
 async def _client(url: str, idx: int, seconds: float, hop_s: float, block_s: float,
-                  stats: StreamStats) -> None:
+                  stats: StreamStats, offset_s: float) -> None:
     from websockets.asyncio.client import connect
 
+    # Live streams are not phase-locked: each starts at its own offset within one hop, so
+    # their windows complete spread over the hop instead of in one burst.
+    await asyncio.sleep(offset_s)
     hop = round(hop_s * SAMPLE_RATE)
     audio = _audio(seconds, idx)
     block = int(block_s * SAMPLE_RATE)
-    async with connect(url, max_size=1 << 22) as ws:
+    async with connect(url, max_size=1 << 22, compression=None) as ws:
         await ws.send(json.dumps({"type": "start", "format": "float32", "hop_s": hop_s,
                                   "live": True, "segment": True, "stream_id": f"bench-{idx}"}))
         json.loads(await ws.recv())  # started
@@ -128,15 +131,20 @@ def _pct(values: list[float], q: float) -> float | None:
 def run_stream_bench(model: str = "untrained:student", streams: int = 64,
                      seconds: float = 30.0, hop_s: float = 1.0, block_s: float = 0.1,
                      device: str = "cpu", engine: str = "auto",
-                     url: str | None = None) -> dict:
-    """Run the benchmark; returns a JSON-ready dict. ``url`` targets a running server."""
+                     url: str | None = None, stagger: bool = True) -> dict:
+    """Run the benchmark; returns a JSON-ready dict. ``url`` targets a running server.
+
+    ``stagger`` spreads the streams' start times over one hop (independent live sources);
+    ``stagger=False`` starts them together, the worst case: every window completes at once.
+    """
     proc = None
     if url is None:
         proc, url = _start_server(model, streams, device, engine)
     stats = [StreamStats() for _ in range(streams)]
 
     async def main() -> None:
-        await asyncio.gather(*(_client(url, i, seconds, hop_s, block_s, s)
+        await asyncio.gather(*(_client(url, i, seconds, hop_s, block_s, s,
+                                       hop_s * i / streams if stagger else 0.0)
                                for i, s in enumerate(stats)))
 
     t0 = time.perf_counter()
@@ -155,6 +163,7 @@ def run_stream_bench(model: str = "untrained:student", streams: int = 64,
     late = lag_t > seconds / 2
     return {
         "streams": streams, "seconds": seconds, "hop_s": hop_s, "block_s": block_s,
+        "staggered": stagger,
         "model": model, "device": device, "engine": engine, "wall_s": round(wall, 2),
         "updates": sum(s.updates for s in stats),
         "expected_updates": streams * (1 + max(0, int((seconds * SAMPLE_RATE - WINDOW_SAMPLES)

@@ -20,6 +20,7 @@ Overflow policy
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -60,6 +61,7 @@ class WorkerStats:
 
 
 _STOP = object()
+_PRIORITY = {"aggregate": 0, "tag": 1, "stop": 2}
 
 
 class InferenceWorker:
@@ -69,7 +71,11 @@ class InferenceWorker:
         self.aggregator = aggregator
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        # Aggregation requests go first: they are cheap, and each one is the last step
+        # before an update leaves the server, so making them wait behind window batches
+        # would add a whole batch to every update's latency.
+        self._queue: queue.PriorityQueue = queue.PriorityQueue(maxsize=max_queue)
+        self._seq = itertools.count()
         self._held: _Request | None = None  # a request of the other kind, kept for next batch
         self.stats = WorkerStats()
         self._thread = threading.Thread(target=self._run, name="rtagger-inference",
@@ -92,7 +98,7 @@ class InferenceWorker:
         if not self._thread.is_alive():
             raise RtaggerError("inference worker is stopped")
         try:
-            self._queue.put_nowait(req)
+            self._queue.put_nowait((_PRIORITY[req.kind], next(self._seq), req))
         except queue.Full:
             raise Overloaded(f"inference queue full ({self._queue.maxsize} requests)") from None
         return req.future
@@ -100,7 +106,7 @@ class InferenceWorker:
     def close(self, timeout: float = 10.0) -> None:
         """Finish queued requests, then stop the thread."""
         if self._thread.is_alive():
-            self._queue.put(_STOP)
+            self._queue.put((_PRIORITY["stop"], next(self._seq), _STOP))
             self._thread.join(timeout)
 
     @property
@@ -113,7 +119,11 @@ class InferenceWorker:
         if self._held is not None:
             req, self._held = self._held, None
             return req
-        return self._queue.get(timeout=timeout) if timeout is not None else self._queue.get()
+        return self._get(timeout)
+
+    def _get(self, timeout: float | None = None, block: bool = True):
+        item = self._queue.get(block=block, timeout=timeout)
+        return item[2]
 
     def _run(self) -> None:
         stopping = False
@@ -127,7 +137,7 @@ class InferenceWorker:
                 remaining = deadline - time.perf_counter()
                 try:
                     req = self._next(max(remaining, 0.0)) if remaining > 0 else \
-                        self._queue.get_nowait()
+                        self._get(block=False)
                 except queue.Empty:
                     break
                 if req is _STOP:
@@ -142,7 +152,7 @@ class InferenceWorker:
         # Requests left after a stop get an error rather than hanging their callers.
         while True:
             try:
-                req = self._held or self._queue.get_nowait()
+                req = self._held or self._get(block=False)
                 self._held = None
             except queue.Empty:
                 break
