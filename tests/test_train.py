@@ -144,13 +144,19 @@ def test_pseudo_labels_resume_and_feed_a_noisy_student(toy, tmp_path):
 def test_aggregator_stage_trains_on_frozen_embeddings(toy, tmp_path):
     r = _recipe(toy, optim={"max_steps": 4})
     tagger = train(TaggerTask(r), r, tmp_path / "tagger", progress=False)
+    pseudo_label(tagger, _read(toy / "valid.jsonl"), toy / "cache", tmp_path / "pseudo",
+                 progress=False)
     ar = _recipe(toy, name="agg", stage="aggregator",
                  model={"size": "debug", "init": str(tagger)},
+                 data={"pseudo": [str(tmp_path / "pseudo")], "pseudo_ratio": 0.5},
                  aggregator={"max_windows": 4, "hop_s": 1.0},
                  optim={"max_steps": 8, "lr": 1e-3})
     task = AggregatorTask(ar, tmp_path / "agg")
-    (emb, valid), _ = task.batch(np.random.default_rng(0), 6)
+    assert len(task.pseudo_seqs) == 4  # unlabelled songs with song-level soft targets
+    (emb, valid), y = task.batch(np.random.default_rng(0), 6)
     assert emb.shape[1] <= 4 and valid.any(1).all()
+    soft = y[3:].numpy()
+    assert ((soft > 0) & (soft < 1)).all()
     best = train(task, ar, tmp_path / "agg", progress=False)
     model = load_model(best)
     assert model.aggregator is not None and model.aggregator.cfg.max_windows == 4

@@ -36,7 +36,8 @@ from rtagger.model import (
 )
 from rtagger.vocab import tag_groups_v1
 from train.cache import FeatureCache
-from train.manifest import read_manifest
+from train.manifest import Track, read_manifest
+from train.progress import Bar
 from train.recipe import Recipe
 from train.windows import (
     EvalWindows,
@@ -174,8 +175,19 @@ class AggregatorTask:
         hop = round(a.hop_s * SAMPLE_RATE)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.train_seqs, self.train_y = self._embed(train_tracks, hop, out / "emb-train.npz")
-        self.valid_seqs, self.valid_y = self._embed(valid_tracks, hop, out / "emb-valid.npz")
+        self.train_seqs = self._embed(train_tracks, hop, out / "emb-train.npz")
+        self.train_y = multi_hot(train_tracks, self.tags)
+        self.valid_seqs = self._embed(valid_tracks, hop, out / "emb-valid.npz")
+        self.valid_y = multi_hot(valid_tracks, self.tags)
+        # Unlabelled songs join with song-level pseudo targets: the mean of the teacher's
+        # window probabilities over the song (from the pseudo-label shards).
+        self.pseudo_seqs, self.pseudo_y = [], np.zeros((0, len(self.tags)), np.float32)
+        if d.pseudo_ratio > 0:
+            songs = PseudoWindows(d.pseudo, self.cache, self.tags).song_targets()
+            refs = sorted(songs)
+            tracks = [Track(ref, ref, (), "unlabelled") for ref in refs]
+            self.pseudo_seqs = self._embed(tracks, hop, out / "emb-pseudo.npz")
+            self.pseudo_y = np.stack([songs[r] for r in refs]).astype(np.float32)
         cfg = aggregator_config(recipe.model.size, len(self.tags),
                                 self.base.tagger.cfg.d_model, dropout=recipe.model.dropout,
                                 max_windows=a.max_windows)
@@ -183,42 +195,54 @@ class AggregatorTask:
 
     def _embed(self, tracks, hop: int, path: Path):
         """Embeddings and window probabilities of every window, cached in ``path``."""
+        ids = [t.id for t in tracks]
         if path.exists():
             z = np.load(path, allow_pickle=False)
-            if list(z["ids"]) == [t.id for t in tracks]:
-                offsets = z["offsets"]
-                seqs = [(z["emb"][a:b], z["probs"][a:b])
-                        for a, b in itertools.pairwise(offsets)]
-                return seqs, multi_hot(tracks, self.tags)
+            if list(z["ids"]) == ids:
+                return [(z["emb"][a:b], z["probs"][a:b])
+                        for a, b in itertools.pairwise(z["offsets"])]
         tagger = self.base.tagger.eval()
         seqs = []
+        bar = Bar(f"embedding {path.stem}", len(tracks))
         for tr in tracks:
             length = round(self.cache.duration(tr) * SAMPLE_RATE)
             starts = song_windows(length, 10**9, hop)
-            waves = np.stack([self.cache.window_pcm(tr, s) for s in starts])
-            with torch.no_grad():
-                logits, emb = tagger(torch.from_numpy(waves))
-            seqs.append((emb.numpy(), torch.sigmoid(logits).numpy()))
+            embs, probs = [], []
+            for b in range(0, len(starts), EVAL_BATCH):
+                waves = np.stack([self.cache.window_pcm(tr, s) for s in starts[b:b + EVAL_BATCH]])
+                with torch.no_grad():
+                    logits, emb = tagger(torch.from_numpy(waves))
+                embs.append(emb.numpy())
+                probs.append(torch.sigmoid(logits).numpy())
+            seqs.append((np.concatenate(embs), np.concatenate(probs)))
+            bar.advance()
+        bar.close()
         offsets = np.cumsum([0] + [len(e) for e, _ in seqs])
-        np.savez(path.with_suffix(".tmp.npz"), ids=np.array([t.id for t in tracks]),
-                 offsets=offsets, emb=np.concatenate([e for e, _ in seqs]),
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, ids=np.array(ids), offsets=offsets,
+                 emb=np.concatenate([e for e, _ in seqs]),
                  probs=np.concatenate([p for _, p in seqs]))
-        Path(path.with_suffix(".tmp.npz")).replace(path)
-        return seqs, multi_hot(tracks, self.tags)
+        tmp.replace(path)
+        return seqs
 
     def _context(self, emb: np.ndarray, n: int) -> np.ndarray:
         return emb[context_indices(n, self.recipe.aggregator.max_windows)]
 
     def batch(self, rng: np.random.Generator, n: int):
         a = self.recipe.aggregator
-        idx = rng.integers(0, len(self.train_seqs), n)
-        ctxs = []
-        for i in idx:
-            emb = self.train_seqs[i][0]
+        n_pseudo = round(n * self.recipe.data.pseudo_ratio) if self.pseudo_seqs else 0
+        picks = [(self.train_seqs, self.train_y, i)
+                 for i in rng.integers(0, len(self.train_seqs), n - n_pseudo)]
+        picks += [(self.pseudo_seqs, self.pseudo_y, i)
+                  for i in rng.integers(0, len(self.pseudo_seqs), n_pseudo)]
+        ctxs, targets = [], []
+        for seqs, y, i in picks:
+            emb = seqs[i][0]
             # A growing live context: the first L windows of the song, L random.
             length = int(rng.integers(min(a.min_windows, len(emb)), len(emb) + 1))
             ctxs.append(self._context(emb, max(length, 1)))
-        return _pad(ctxs), torch.from_numpy(self.train_y[idx])
+            targets.append(y[i])
+        return _pad(ctxs), torch.from_numpy(np.stack(targets))
 
     def loss_inputs(self, model: nn.Module, inputs, gen: torch.Generator):
         emb, valid = inputs

@@ -141,6 +141,15 @@ class PseudoWindows:
         waves = np.stack([self.cache.window_pcm(self.refs[i], int(self.starts[i])) for i in idx])
         return waves, self.probs[idx]
 
+    def song_targets(self) -> dict[str, np.ndarray]:
+        """Song-level soft targets: the mean teacher probability over each song's windows."""
+        sums: dict[str, np.ndarray] = {}
+        counts: dict[str, int] = {}
+        for ref, p in zip(self.refs, self.probs, strict=True):
+            sums[ref] = sums.get(ref, 0) + p
+            counts[ref] = counts.get(ref, 0) + 1
+        return {ref: sums[ref] / counts[ref] for ref in sums}
+
 
 def song_windows(length: int, per_song: int, hop: int = WINDOW_SAMPLES) -> list[int]:
     """Start samples of up to ``per_song`` evenly spread windows covering a song."""
