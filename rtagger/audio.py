@@ -84,7 +84,7 @@ class Resampler:
     def __call__(self, block: np.ndarray) -> np.ndarray:
         mono = _to_mono_float(block, self.channels, self.source)
         if self._swr is None or mono.size == 0:
-            return mono if self._swr is None else np.zeros(0, np.float32)
+            return mono  # already 16 kHz, or nothing to resample
         av = _av()
         frame = av.AudioFrame.from_ndarray(mono[None, :], format="fltp", layout="mono")
         frame.sample_rate = self.sample_rate

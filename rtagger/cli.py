@@ -351,8 +351,8 @@ def serve(
 
 
 def _add_subcommands() -> None:
-    from deploy.export import register as register_export
-    from rtagger.bench import register as register_bench
+    from deploy.cli import register as register_export
+    from rtagger.bench_cli import register as register_bench
 
     register_export(app)
     register_bench(app)

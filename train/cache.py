@@ -35,16 +35,14 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
 import torch
-import typer
 
 from rtagger.audio import FRAMES_PER_WINDOW, SAMPLE_RATE, WINDOW_SAMPLES
 from rtagger.errors import AudioError, RtaggerError
 from rtagger.features import AMIN, LogMel
-from train.manifest import Track, parse_zip_ref, read_manifest
+from train.manifest import Track, parse_zip_ref
 from train.pool import load_track_audio
 
 log = logging.getLogger(__name__)
@@ -572,31 +570,6 @@ def _write_failures(path: Path, failures: list[CacheFailure]) -> None:
                      for x in failures)
 
 
-def register(app: typer.Typer) -> None:
-    """Add the ``cache`` command to a typer app (the ``rtagger data`` group)."""
-
-    @app.command("cache")
-    def cache_command(
-        manifests: Annotated[list[Path], typer.Argument(help="Manifests (JSONL or CSV).")],
-        out: Annotated[Path, typer.Option("--out", "-o", help="Cache folder.")],
-        jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Decoding processes.")]
-        = os.cpu_count() or 1,
-    ) -> None:
-        """Decode, resample and log-mel every track once into a memory-mapped cache."""
-        from rich.console import Console
-
-        console = Console()
-        try:
-            tracks = [t for m in manifests for t in read_manifest(m)]
-            report = build_cache(tracks, out, jobs=jobs)
-        except RtaggerError as e:
-            console.print(f"error: {e}", style="red", markup=False, highlight=False)
-            raise typer.Exit(2) from e
-        print_report(report, console)
-        if report.n_done + report.n_skipped == 0:
-            raise typer.Exit(1)
-
-
 def print_report(report: CacheReport, console) -> None:
     """The rich summary table the CLI prints."""
     from rich.table import Table
@@ -617,3 +590,7 @@ def print_report(report: CacheReport, console) -> None:
                       f"{report.cache_dir / FAILURES_FILE}):", style="red")
         for f in report.failures:
             console.print(f"  {f.path}: {f.reason}", markup=False, highlight=False, soft_wrap=True)
+
+
+# The command lives in a light module so that `rtagger --help` does not import torch.
+from train.cache_cli import register  # noqa: E402, F401

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from rtagger.errors import RtaggerError
-from train import cache, pool
+from train import cache_cli, pool
 
 data_app = typer.Typer(
     help="Build datasets: the synthetic labelled benchmark, the unlabelled pool, caches.",
@@ -23,7 +23,7 @@ train_app = typer.Typer(
 )
 
 pool.register(data_app)
-cache.register(data_app)
+cache_cli.register(data_app)
 
 
 def _register_synth() -> None:
