@@ -181,3 +181,39 @@ def test_recipe_errors_are_specific(tmp_path):
     assert r.optim.lr == 0.01 and r.model.size == "teacher"
     with pytest.raises(ConfigError, match=r"no such file"):
         load_recipe(tmp_path / "missing.toml")
+
+
+def test_a_tagger_warm_starts_from_a_checkpoint_of_the_same_shape(toy, tmp_path):
+    r = _recipe(toy, optim={"max_steps": 4})
+    first = train(TaggerTask(r), r, tmp_path / "round0", progress=False)
+    nxt = _recipe(toy, name="round1", model={"size": "debug", "init": str(first),
+                                             "drop_path": 0.1})
+    task = TaggerTask(nxt)
+    for (k, a), b in zip(load_model(first).tagger.state_dict().items(),
+                         task.model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=k)
+    wider = _recipe(toy, name="wider", model={"size": "debug", "init": str(first),
+                                              "arch": {"d_model": 64}})
+    with pytest.raises(ConfigError, match=r"differs in \['d_model'\]"):
+        TaggerTask(wider)
+
+
+def test_the_recipe_name_does_not_change_its_digest(toy):
+    assert _recipe(toy).digest() == _recipe(toy, name="renamed").digest()
+    assert _recipe(toy).digest() != _recipe(toy, seed=1).digest()
+
+
+def test_every_shipped_recipe_and_pipeline_loads():
+    from pathlib import Path
+
+    from train.pipeline import load_pipeline
+
+    root = Path(__file__).resolve().parent.parent / "train" / "recipes"
+    recipes = [p for p in root.rglob("*.toml") if not p.name.startswith("pipeline")]
+    assert len(recipes) >= 14
+    for p in recipes:
+        assert load_recipe(p).name
+    for p in root.glob("pipeline*.toml"):
+        for step in load_pipeline(p):
+            if step["run"] == "train":
+                load_recipe(step["recipe"], step["set"])

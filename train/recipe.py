@@ -28,7 +28,7 @@ class ModelSection:
     size: str = "student"  # teacher | student | debug (rtagger.model.SIZES)
     dropout: float = 0.1
     drop_path: float = 0.0  # stochastic depth: noise for the noisy student
-    init: str | None = None  # checkpoint to start from (e.g. the tagger for an aggregator)
+    init: str | None = None  # checkpoint: the aggregator's frozen tagger, or a tagger's warm start
     arch: dict[str, Any] = field(default_factory=dict)  # TaggerConfig overrides (n_layers...)
 
 
@@ -83,9 +83,10 @@ class Recipe:
     source: str = ""  # the file it was read from
 
     def digest(self) -> str:
-        """Hash of everything that changes results (not the file name)."""
+        """Hash of everything that changes results (not the recipe's name or file)."""
         d = asdict(self)
         d.pop("source")
+        d.pop("name")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:

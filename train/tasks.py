@@ -104,10 +104,30 @@ class TaggerTask:
         m = recipe.model
         self.model = ChunkTagger(tagger_config(m.size, len(self.tags), dropout=m.dropout,
                                                drop_path=m.drop_path, **m.arch))
+        if m.init:
+            self._warm_start(m.init)
         self.augment, self.spec_mask = _augmenters(recipe)
         log.info("%s: %d labelled songs, %d pseudo windows, %d validation windows",
                  recipe.name, len(self.labelled), len(self.pseudo or []),
                  len(self.valid.items))
+
+    def _warm_start(self, path: str) -> None:
+        """Start from a trained tagger (a later noisy-student round on a CPU budget).
+
+        The architecture and tag list must match; dropout and stochastic depth may differ.
+        """
+        init = load_model(path)
+        if list(init.tags) != list(self.tags):
+            raise ConfigError(f"{self.recipe.name}: model.init {path} has other tags than "
+                              f"the labelled data")
+        mine, theirs = self.model.cfg, init.tagger.cfg
+        shape = ("conv_channels", "d_model", "n_layers", "n_heads", "ff_mult", "pooling")
+        diff = [k for k in shape if getattr(mine, k) != getattr(theirs, k)]
+        if diff:
+            raise ConfigError(f"{self.recipe.name}: model.init {path} differs in {diff}")
+        self.model.load_state_dict(init.tagger.state_dict())
+        log.info("%s: weights start from %s (%s)", self.recipe.name, path,
+                 init.weights_sha256[:12])
 
     def batch(self, rng: np.random.Generator, n: int):
         n_pseudo = round(n * self.recipe.data.pseudo_ratio) if self.pseudo is not None else 0
