@@ -132,6 +132,38 @@ def evaluate(
     typer.echo("\n".join(str(p) for p in paths))
 
 
+@train_app.command("compare")
+def compare(
+    rows: list[str] = typer.Argument(..., help="Evaluation folders, DIR or DIR@LEVEL "
+                                                 "(LEVEL e.g. song/aggregator)."),
+    reference: int = typer.Option(0, "--reference", help="Index of the reference row."),
+    labels: str = typer.Option(None, "--labels", help="Comma-separated row names."),
+    title: str = typer.Option("", "--title"),
+    cost: bool = typer.Option(True, "--cost/--no-cost",
+                              help="MACs, parameters and batch-1 CPU latency per window."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=1, help="Resamples for the CI."),
+    out: Path = typer.Option(None, "--out", "-o", help="Append the Markdown here."),
+) -> None:
+    """Evaluations side by side: deltas with paired bootstrap CIs, cost, per tag group."""
+    from train.compare import compare_markdown, load_row, model_cost
+
+    names = labels.split(",") if labels else [None] * len(rows)
+    if len(names) != len(rows):
+        raise _fail(RtaggerError(f"{len(names)} labels for {len(rows)} rows"))
+    if not 0 <= reference < len(rows):
+        raise _fail(RtaggerError(f"--reference {reference} is not a row index"))
+    try:
+        loaded = [load_row(spec, name) for spec, name in zip(rows, names, strict=True)]
+        costs = ({r.label: model_cost(r.meta["model"]) for r in loaded} if cost else None)
+        text = compare_markdown(loaded, reference, costs, title, bootstrap)
+    except RtaggerError as e:
+        raise _fail(e) from None
+    if out is not None:
+        with out.open("a", encoding="utf-8") as f:
+            f.write(text + "\n")
+    typer.echo(text)
+
+
 @data_app.command("mixes")
 def mixes(
     manifest: Path = typer.Option(..., "--manifest", help="Songs to mix (e.g. the test split)."),

@@ -144,7 +144,7 @@ def evaluate_levels(window_true: np.ndarray | None, window_score: np.ndarray | N
     return results
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
+def atomic_write(path: Path, data: bytes) -> Path:
     """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -232,12 +232,12 @@ def write_report(results: dict[str, dict], out_dir: str | Path, title: str) -> l
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"title": title, "levels": results}, indent=1, allow_nan=False)
-    paths = [_atomic_write(out / "metrics.json", text.encode()),
-             _atomic_write(out / "metrics.md", _markdown(results, title).encode())]
+    paths = [atomic_write(out / "metrics.json", text.encode()),
+             atomic_write(out / "metrics.md", _markdown(results, title).encode())]
     for level, r in results.items():
         if r["curves"]["roc"]:  # no scorable tag: nothing to draw
             png = _curve_png(r, f"{title}: {level}")
-            paths.append(_atomic_write(out / f"curves_{level.replace('/', '_')}.png", png))
+            paths.append(atomic_write(out / f"curves_{level.replace('/', '_')}.png", png))
     return paths
 
 
@@ -248,7 +248,7 @@ def _fmt(col: str, v: object) -> str:
         return f"[{_fmt(col, v[0])}, {_fmt(col, v[1])}]"
     if isinstance(v, bool) or not isinstance(v, (int, float, np.number)):
         return str(v).replace("|", "\\|")
-    v = float(v)
+    v, col = float(v), col.lower()
     if "auc" in col:
         return f"{v:.3f}"
     if any(k in col for k in ("macs", "flops", "params")) and abs(v) >= 1e3:

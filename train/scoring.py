@@ -10,6 +10,7 @@ the live track context would feed it.
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from rtagger.audio import SAMPLE_RATE, WINDOW_S
 from rtagger.checkpoint import load_model
 from rtagger.tagger import Tagger
 from train.cache import FeatureCache
-from train.evaluate import evaluate_levels, write_report
+from train.evaluate import atomic_write, evaluate_levels, write_report
 from train.manifest import Track
 from train.progress import Bar
 from train.windows import cached_only, multi_hot
@@ -71,10 +72,13 @@ def score(model_path: str | Path, tracks: list[Track], cache_dir: str | Path, *,
     song_scores = {"mean": np.stack(song_mean)}
     if song_agg:
         song_scores["aggregator"] = np.stack(song_agg)
-    results = evaluate_levels(np.stack(win_true), np.stack(win_score),
-                              multi_hot(tracks, tags), song_scores, tags,
+    song_true = multi_hot(tracks, tags)
+    results = evaluate_levels(np.stack(win_true), np.stack(win_score), song_true,
+                              song_scores, tags,
                               {t: model.tag_groups.get(t, "") for t in tags})
-    results["_meta"] = {"model": str(model_path), "model_name": model.name,
+    results["_songs"] = {"ids": [t.id for t in tracks], "tags": list(tags),
+                         "true": song_true, **song_scores}
+    results["_meta"] = {"model": str(Path(model_path).resolve()), "model_name": model.name,
                         "weights_sha256": model.weights_sha256, "songs": len(tracks),
                         "windows": len(win_true), "hop_s": hop_s,
                         "audio_hours": sum(cache.duration(t) for t in tracks) / 3600,
@@ -84,8 +88,18 @@ def score(model_path: str | Path, tracks: list[Track], cache_dir: str | Path, *,
 
 def score_and_report(model_path: str | Path, tracks: list[Track], cache_dir: str | Path,
                      out_dir: str | Path, *, title: str = "", **kw) -> list[Path]:
+    """Score and write the report, plus ``meta.json`` (model, data) and ``songs.npz``
+    (song ids, truth and song-level scores per aggregation, for paired comparisons)."""
+    import json
+
     results = score(model_path, tracks, cache_dir, **kw)
     meta = results.pop("_meta")
-    paths = write_report(results, out_dir, title or f"{meta['model_name']} ({meta['songs']} "
-                                                    f"songs, {meta['windows']} windows)")
+    songs = results.pop("_songs")
+    out = Path(out_dir)
+    paths = write_report(results, out, title or f"{meta['model_name']} ({meta['songs']} "
+                                                f"songs, {meta['windows']} windows)")
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in songs.items()})
+    paths.append(atomic_write(out / "songs.npz", buf.getvalue()))
+    paths.append(atomic_write(out / "meta.json", json.dumps(meta, indent=1).encode()))
     return paths
