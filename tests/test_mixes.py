@@ -47,3 +47,19 @@ def test_segmentation_evaluation_runs_the_live_session(songs, tmp_path, debug_mo
     r = evaluate_segmentation(ckpt, mixes, hop_s=1.0, progress=False)
     assert r["true"] == 2 and r["mixes"] == 1
     assert 0.0 <= r["f_measure"] <= 1.0 and np.isfinite(r["false_per_hour"])
+
+
+def test_a_sweep_tags_once_and_scores_every_setting(songs, tmp_path, debug_model):
+    from rtagger.stream import SegmenterConfig
+    from train.mixes import sweep_segmentation
+
+    mixes = build_mixes(songs, tmp_path / "mixes", 1, tracks_per_mix=3, seed=0,
+                        progress=False)
+    ckpt = save_model(debug_model, tmp_path / "m.safetensors")
+    r = sweep_segmentation(ckpt, mixes, [-1.0, 2.1], [1, 2], hop_s=1.0,
+                           base=SegmenterConfig(min_segment_s=1.0), progress=False)
+    grid = {(g["threshold"], g["confirm"]): g for g in r["grid"]}
+    assert set(grid) == {(-1.0, 1), (-1.0, 2), (2.1, 1), (2.1, 2)}
+    assert grid[(2.1, 1)]["found"] == 0  # no window is ever that far: no boundary
+    assert grid[(-1.0, 1)]["found"] > 0  # every window is novel: a boundary when allowed
+    assert r["best"]["f_measure"] == max(g["f_measure"] for g in r["grid"])

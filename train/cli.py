@@ -193,6 +193,12 @@ def segeval(
     hop: float = typer.Option(1.0, "--hop"),
     tolerance: float = typer.Option(3.0, "--tolerance", help="Seconds."),
     threshold: float = typer.Option(None, "--threshold", help="Segmenter cosine threshold."),
+    confirm: int = typer.Option(None, "--confirm", min=1,
+                                help="Consecutive novel windows for a boundary."),
+    sweep: str = typer.Option(None, "--sweep", help="Thresholds to try, e.g. 0.1,0.2,0.3 "
+                                                    "(tag once, score each; tune on valid)."),
+    confirm_sweep: str = typer.Option(None, "--confirm-sweep",
+                                      help="Confirm counts to try with --sweep, e.g. 2,4,6."),
     out: Path = typer.Option(None, "--out", "-o", help="Write the JSON result here."),
 ) -> None:
     """Track-change detection on simulated mixes: boundary F-measure, false boundaries/hour."""
@@ -200,15 +206,28 @@ def segeval(
     from dataclasses import replace
 
     from rtagger.stream import SegmenterConfig
-    from train.mixes import evaluate_segmentation, read_mixes
+    from train.mixes import evaluate_segmentation, read_mixes, sweep_segmentation
 
-    cfg = SegmenterConfig() if threshold is None else replace(SegmenterConfig(),
-                                                              threshold=threshold)
+    cfg = SegmenterConfig()
+    if threshold is not None:
+        cfg = replace(cfg, threshold=threshold)
+    if confirm is not None:
+        cfg = replace(cfg, confirm=confirm)
     found = read_mixes(mixes_dir)
     if not found:
         raise _fail(RtaggerError(f"no mixes in {mixes_dir}; run `rtagger data mixes`"))
     try:
-        result = evaluate_segmentation(model, found, hop_s=hop, tolerance_s=tolerance, cfg=cfg)
+        if sweep:
+            thresholds = [float(v) for v in sweep.split(",")]
+            confirms = ([int(v) for v in confirm_sweep.split(",")] if confirm_sweep
+                        else [cfg.confirm])
+            result = sweep_segmentation(model, found, thresholds, confirms, hop_s=hop,
+                                        tolerance_s=tolerance, base=cfg)
+        else:
+            result = evaluate_segmentation(model, found, hop_s=hop, tolerance_s=tolerance,
+                                           cfg=cfg)
+    except ValueError as e:
+        raise _fail(RtaggerError(f"--sweep/--confirm-sweep: {e}")) from None
     except RtaggerError as e:
         raise _fail(e) from None
     text = json.dumps(result, indent=2)
