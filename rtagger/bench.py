@@ -64,6 +64,7 @@ class BenchSettings:
     streams: int = 0  # > 0: also the end-to-end figure with this many real-time streams
     stream_s: float = 30.0  # audio seconds each stream plays
     stream_engine: str = "auto"  # engine of the server process
+    stream_url: str | None = None  # a running server (e.g. on another host) instead of one here
 
     def __post_init__(self) -> None:
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -194,17 +195,19 @@ def measure_offline(model: TaggingModel, engine, seconds: float,
 
 def bench_streams(model: str, *, streams: int, hop_s: float = DEFAULT_LIVE_HOP_S,
                   duration_s: float = 60.0, engine: str = "auto",
-                  device: str = "cpu") -> dict:
+                  device: str = "cpu", url: str | None = None) -> dict:
     """End-to-end figure for ``streams`` simulated real-time streams.
 
-    Starts ``rtagger serve`` as a separate process with ``engine`` on ``device`` and plays
-    ``streams`` clients paced to the wall clock (see :mod:`rtagger.streambench`): client-side
-    capture-to-update latency, server latency, dropped windows and lag growth.
+    Starts ``rtagger serve`` as a separate process with ``engine`` on ``device`` (or, with
+    ``url``, uses a server already running, e.g. on another host so that the clients do not
+    share its cores) and plays ``streams`` clients paced to the wall clock (see
+    :mod:`rtagger.streambench`): client-side capture-to-update latency, server latency,
+    dropped windows and lag growth.
     """
     from rtagger.streambench import run_stream_bench
 
     return run_stream_bench(model, streams=streams, seconds=duration_s, hop_s=hop_s,
-                            device=device, engine=engine)
+                            device=device, engine=engine, url=url)
 
 
 # --- the whole run ------------------------------------------------------------------------
@@ -308,7 +311,7 @@ def run_bench(settings: BenchSettings,
         report["streaming"] = bench_streams(settings.model, streams=settings.streams,
                                             duration_s=settings.stream_s,
                                             engine=settings.stream_engine,
-                                            device=settings.device)
+                                            device=settings.device, url=settings.stream_url)
     report["duration_s"] = round(time.time() - started, 1)
     return report
 

@@ -31,6 +31,10 @@ def register(app: typer.Typer) -> None:
         streams: int = typer.Option(0, "--streams", min=0, help="Also run N real-time "
                                     "streams through a server process (e.g. 64)."),
         stream_s: float = typer.Option(30.0, "--stream-seconds", help="Audio per stream."),
+        stream_server: str = typer.Option(None, "--stream-server", help="With --streams: "
+                                          "play the streams to this running server "
+                                          "(ws://host:port/, e.g. on another machine) "
+                                          "instead of starting one here."),
         quick: bool = typer.Option(False, "--quick", help="A few seconds per engine (CI)."),
         output: Path = typer.Option(Path("rtagger-bench.json"), "--output", "-o",
                                     help="Where to write the JSON report."),
@@ -43,7 +47,8 @@ def register(app: typer.Typer) -> None:
 
         out, err = Console(), Console(stderr=True, soft_wrap=True)
         overrides: dict = {"model": model, "device": device, "threads": threads,
-                           "streams": streams, "stream_s": stream_s}
+                           "streams": streams, "stream_s": stream_s,
+                           "stream_url": stream_server}
         try:
             if engine:
                 overrides["engines"] = tuple(engine)

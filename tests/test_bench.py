@@ -80,3 +80,17 @@ def test_streaming_figure_runs_real_streams_through_a_server():
     r = bench_streams("untrained:debug", streams=2, duration_s=4.0, engine="torch")
     assert r["errors"] == [] and r["engine"] == "torch"
     assert r["updates"] + r["dropped_windows"] == r["expected_updates"]
+
+
+@pytest.mark.slow
+def test_streams_can_target_a_server_that_is_already_running():
+    from rtagger.streambench import _start_server
+
+    proc, url = _start_server("untrained:debug", 2, "cpu", "torch")
+    try:
+        r = bench_streams("untrained:debug", streams=2, duration_s=4.0, url=url)
+        assert r["errors"] == [] and r["updates"] + r["dropped_windows"] == r["expected_updates"]
+        assert proc.poll() is None  # the benchmark leaves a server it did not start running
+    finally:
+        proc.terminate()
+        proc.wait(30)
