@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rtagger.aggregate import TrackContext
-from rtagger.audio import SAMPLE_RATE, WINDOW_SAMPLES, Resampler
+from rtagger.audio import SAMPLE_RATE, WINDOW_S, WINDOW_SAMPLES, Resampler
 from rtagger.model import ContextAggregator
 from rtagger.protocol import ProtocolError, Start, decode_pcm, top_tags
 from rtagger.ringbuffer import Window, Windower
@@ -39,8 +39,9 @@ class Segmenter:
 
     A boundary is declared when ``confirm`` consecutive windows are all farther than
     ``threshold`` (cosine distance) from the mean embedding of the current segment, and the
-    segment is at least ``min_segment_s`` long. The boundary is placed at the first of
-    those windows, so a crossfade is attributed to the incoming track once it dominates.
+    segment is at least ``min_segment_s`` long. The boundary belongs to the first of those
+    windows, so a crossfade is attributed to the incoming track once it dominates; the
+    session reports it at that window's centre.
     """
 
     def __init__(self, hop_s: float, cfg: SegmenterConfig | None = None) -> None:
@@ -162,7 +163,9 @@ class StreamSession:
             for w, p, e in replay:
                 self.context.add(p, e, w.valid / WINDOW_SAMPLES)
             self.segment_id += 1
-            self.segment_start_s = replay[0][0].start_s
+            # The change is placed mid-window: a window reads as the new track once about
+            # half of it is (on simulated mixes, window starts came ~1.8 s early).
+            self.segment_start_s = replay[0][0].start_s + WINDOW_S / 2
             events.append({"type": "segment", "stream_id": self.stream_id,
                            "segment": self.segment_id, "start_s": round(self.segment_start_s, 3)})
         else:

@@ -78,7 +78,8 @@ def test_session_segment_event_restarts_the_track_context(debug_model):
         w = Window(i, i * 16000, np.zeros(59049, np.float32), 59049)
         emb, p = (a, np.zeros(n)) if i < 8 else (b, np.ones(n))
         events += s.add_window(w, p, emb)
-    assert events == [{"type": "segment", "stream_id": "t", "segment": 1, "start_s": 8.0}]
+    # window 8 is the first of the new track; the change is reported at its centre
+    assert events == [{"type": "segment", "stream_id": "t", "segment": 1, "start_s": 9.845}]
     # the new segment's context holds only the new track's windows
     assert s.context.windows == 4
     np.testing.assert_allclose(s.context.mean_probs(), 1.0)

@@ -102,7 +102,12 @@ def _write_flac(path: Path, samples: np.ndarray) -> None:
 
 def boundary_scores(true_s: list[float], found_s: list[float], duration_s: float,
                     tolerance_s: float = 3.0) -> dict:
-    """Greedy one-to-one matching within the tolerance -> hits, misses, false alarms."""
+    """Greedy one-to-one matching within the tolerance -> hits, misses, false alarms.
+
+    ``offsets``: for every found boundary, found minus the nearest true one (seconds), to
+    see whether detections are early or late.
+    """
+    offsets = [f - min(true_s, key=lambda t: abs(t - f)) for f in found_s] if true_s else []
     unmatched = sorted(true_s)
     hits = 0
     for f in sorted(found_s):
@@ -111,7 +116,7 @@ def boundary_scores(true_s: list[float], found_s: list[float], duration_s: float
             unmatched.remove(min(near, key=lambda t: abs(t - f)))
             hits += 1
     return {"true": len(true_s), "found": len(found_s), "hits": hits,
-            "false": len(found_s) - hits, "duration_s": duration_s}
+            "false": len(found_s) - hits, "duration_s": duration_s, "offsets": offsets}
 
 
 def tag_mixes(model_path: str | Path, mixes: list[Mix], *, hop_s: float = 1.0,
@@ -134,6 +139,7 @@ def score_segmentation(tagged: list[tuple[Mix, list]], tags: list[str], *, hop_s
     """Play tagged mixes through the live session's segmenter and score its boundaries."""
     cfg = cfg or SegmenterConfig()
     totals = {"true": 0, "found": 0, "hits": 0, "false": 0, "duration_s": 0.0}
+    offsets: list[float] = []
     for mix, windows in tagged:
         session = StreamSession("eval", Start(hop_s=hop_s, segment=True), tags, None,
                                 segmenter=cfg)
@@ -144,6 +150,8 @@ def score_segmentation(tagged: list[tuple[Mix, list]], tags: list[str], *, hop_s
         s = boundary_scores(mix.boundaries_s, found, mix.duration_s, tolerance_s)
         for k in totals:
             totals[k] += s[k]
+        offsets += s["offsets"]
+    near = np.array([o for o in offsets if abs(o) <= 15.0])  # detections of a real change
     p = totals["hits"] / totals["found"] if totals["found"] else 0.0
     r = totals["hits"] / totals["true"] if totals["true"] else 0.0
     f = 2 * p * r / (p + r) if p + r else 0.0
@@ -152,7 +160,10 @@ def score_segmentation(tagged: list[tuple[Mix, list]], tags: list[str], *, hop_s
             "threshold": cfg.threshold, "confirm": cfg.confirm,
             "min_segment_s": cfg.min_segment_s, "precision": round(p, 4),
             "recall": round(r, 4), "f_measure": round(f, 4),
-            "false_per_hour": round(totals["false"] / hours, 2) if hours else None, **totals}
+            "false_per_hour": round(totals["false"] / hours, 2) if hours else None,
+            "offset_s": ({q: round(float(np.percentile(near, v)), 2)
+                          for q, v in (("p10", 10), ("median", 50), ("p90", 90))}
+                         if near.size else None), **totals}
 
 
 def evaluate_segmentation(model_path: str | Path, mixes: list[Mix], *, hop_s: float = 1.0,
