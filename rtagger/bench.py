@@ -50,7 +50,7 @@ P99_MIN_SAMPLES = 100  # fewer timed calls than this: the p99 is flagged as unre
 class BenchSettings:
     """What to measure. Defaults give stable p99s for batch 1 and 8 in ~1-2 min per engine."""
 
-    model: str = "untrained:student"
+    model: str = "default"
     engines: tuple[str, ...] = ()  # () = every engine available on the device
     device: str = "cpu"
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES

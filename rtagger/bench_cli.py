@@ -15,9 +15,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("bench")
     def bench_command(
-        model: str = typer.Option("untrained:student", "--model", "-m",
-                                  help="Checkpoint path or name (untrained models cost the "
-                                  "same as trained ones)."),
+        model: str = typer.Option("default", "--model", "-m",
+                                  help="Checkpoint path or name: 'default' (the bundled "
+                                  "student), a file, or 'untrained:SIZE' (same cost)."),
         engine: list[str] = typer.Option(None, "--engine", "-e", help="Engine to measure "
                                          "(repeatable; default: all available)."),
         device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),

@@ -30,7 +30,7 @@ from rtagger.ringbuffer import Window, Windower
 @dataclass(frozen=True)
 class SegmenterConfig:
     threshold: float = 0.25  # cosine distance from the segment's mean embedding
-    confirm: int = 4  # consecutive novel windows needed (rejects short breaks/fills)
+    confirm: int = 5  # consecutive novel windows needed (rejects short breaks/fills)
     min_segment_s: float = 30.0  # no track is shorter than this in a DJ set
 
 

@@ -128,7 +128,7 @@ def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 2) if values else None
 
 
-def run_stream_bench(model: str = "untrained:student", streams: int = 64,
+def run_stream_bench(model: str = "default", streams: int = 64,
                      seconds: float = 30.0, hop_s: float = 1.0, block_s: float = 0.1,
                      device: str = "cpu", engine: str = "auto",
                      url: str | None = None, stagger: bool = True) -> dict:
