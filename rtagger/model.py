@@ -80,6 +80,10 @@ class AggregatorConfig:
     ff_mult: int = 4
     dropout: float = 0.1
     max_windows: int = 64  # bounded context: windows the aggregator attends over
+    # A mean-pooling path: a linear head on the mean window embedding (initialised from the
+    # tagger's head, so it starts as mean-pooled window logits) that the transformer,
+    # initialised to add nothing, learns to correct.
+    mean_skip: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -275,6 +279,10 @@ class ContextAggregator(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.n_tags)
         nn.init.trunc_normal_(self.pos, std=0.02)
         nn.init.trunc_normal_(self.cls, std=0.02)
+        if cfg.mean_skip:
+            self.skip = nn.Linear(cfg.d_in, cfg.n_tags)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, emb: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = emb.shape
@@ -288,7 +296,15 @@ class ContextAggregator(nn.Module):
             pad = torch.cat([valid.new_zeros(b, 1), ~valid], dim=1)  # CLS is never padded
         for blk in self.blocks:
             x = blk(x, pad)
-        return self.head(self.norm(x[:, 0]))
+        out = self.head(self.norm(x[:, 0]))
+        if self.cfg.mean_skip:
+            if valid is None:
+                mean = emb.mean(dim=1)
+            else:
+                w = valid.to(emb.dtype).unsqueeze(-1)
+                mean = (emb * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+            out = out + self.skip(mean)
+        return out
 
 
 # --- size report --------------------------------------------------------------------------

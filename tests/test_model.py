@@ -86,3 +86,19 @@ def test_cnn_only_baseline_mean_pools_the_tokens():
     assert logits.shape == (2, 5) and emb.shape == (2, cfg.d_model)
     with pytest.raises(ConfigError, match="needs transformer layers"):
         tagger_config("debug", 5, n_layers=0)
+
+
+def test_a_mean_skip_aggregator_starts_as_mean_pooled_window_logits():
+    from rtagger.model import aggregator_config
+
+    tagger = ChunkTagger(tagger_config("debug", 5)).eval()
+    agg = ContextAggregator(aggregator_config("debug", 5, tagger.cfg.d_model,
+                                              mean_skip=True)).eval()
+    agg.skip.load_state_dict(tagger.head.state_dict())
+    emb = torch.randn(2, 6, tagger.cfg.d_model)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, 4:] = False
+    with torch.no_grad():
+        out = agg(emb, valid)
+        expected = torch.stack([tagger.head(emb[0]).mean(0), tagger.head(emb[1, :4]).mean(0)])
+    torch.testing.assert_close(out, expected)

@@ -29,7 +29,7 @@ class ModelSection:
     dropout: float = 0.1
     drop_path: float = 0.0  # stochastic depth: noise for the noisy student
     init: str | None = None  # checkpoint: the aggregator's frozen tagger, or a tagger's warm start
-    arch: dict[str, Any] = field(default_factory=dict)  # TaggerConfig overrides (n_layers...)
+    arch: dict[str, Any] = field(default_factory=dict)  # Tagger- or AggregatorConfig overrides
 
 
 @dataclass(frozen=True)

@@ -210,8 +210,10 @@ class AggregatorTask:
             self.pseudo_y = np.stack([songs[r] for r in refs]).astype(np.float32)
         cfg = aggregator_config(recipe.model.size, len(self.tags),
                                 self.base.tagger.cfg.d_model, dropout=recipe.model.dropout,
-                                max_windows=a.max_windows)
+                                max_windows=a.max_windows, **recipe.model.arch)
         self.model = ContextAggregator(cfg)
+        if cfg.mean_skip:  # start from mean-pooled window logits: the tagger's own head
+            self.model.skip.load_state_dict(self.base.tagger.head.state_dict())
 
     def _embed(self, tracks, hop: int, path: Path):
         """Embeddings and window probabilities of every window, cached in ``path``."""
