@@ -14,10 +14,11 @@ from rtagger.cli import app
 from rtagger.model import SIZES
 from train import synth
 
-# Mean per-song ROC-AUC of the track tags over fresh test-split songs. The default scores
-# 0.75 song-level macro ROC-AUC on the benchmark's test split (MODEL_CARD.md); random
-# scores give 0.5. A model that fails to load its weights or mixes up its tags falls here.
-MIN_SONG_ROC_AUC = 0.65
+# Mean per-song ROC-AUC of the track tags (how often a true tag outranks a false one) over
+# 4 fresh test-split songs. The default scored 0.82-0.93 for seeds 11-13 (2026-11-25);
+# random scores give 0.5 +- 0.05. A model that fails to load its weights, mixes up its tag
+# order or lost its training falls below this.
+MIN_SONG_ROC_AUC = 0.70
 
 
 def test_the_default_is_bundled_trained_and_documented():

@@ -115,7 +115,7 @@ def pipeline(
 
 @train_app.command("evaluate")
 def evaluate(
-    model: Path = typer.Argument(..., help="Checkpoint to score."),
+    model: str = typer.Argument(..., help="Checkpoint to score (a file or 'default')."),
     manifest: Path = typer.Option(..., "--manifest", help="Labelled manifest (e.g. test)."),
     cache: Path = typer.Option(Path("data/cache"), "--cache"),
     out: Path = typer.Option(..., "--out", "-o"),
@@ -188,7 +188,7 @@ def mixes(
 
 @train_app.command("segeval")
 def segeval(
-    model: Path = typer.Argument(..., help="Checkpoint whose embeddings drive segmentation."),
+    model: str = typer.Argument(..., help="Checkpoint whose embeddings drive segmentation."),
     mixes_dir: Path = typer.Option(Path("data/mixes"), "--mixes"),
     hop: float = typer.Option(1.0, "--hop"),
     tolerance: float = typer.Option(3.0, "--tolerance", help="Seconds."),

@@ -78,7 +78,8 @@ def score(model_path: str | Path, tracks: list[Track], cache_dir: str | Path, *,
                               {t: model.tag_groups.get(t, "") for t in tags})
     results["_songs"] = {"ids": [t.id for t in tracks], "tags": list(tags),
                          "true": song_true, **song_scores}
-    results["_meta"] = {"model": str(Path(model_path).resolve()), "model_name": model.name,
+    results["_meta"] = {"model": (str(Path(model_path).resolve()) if Path(model_path).exists()
+                                  else str(model_path)), "model_name": model.name,
                         "weights_sha256": model.weights_sha256, "songs": len(tracks),
                         "windows": len(win_true), "hop_s": hop_s,
                         "audio_hours": sum(cache.duration(t) for t in tracks) / 3600,
