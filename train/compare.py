@@ -58,7 +58,7 @@ def load_row(spec: str, label: str | None = None) -> Row:
     return Row(name, folder, level, levels[level], levels.get("window"), meta, songs)
 
 
-def model_cost(model_path: str | Path, latency: bool = True, budget_s: float = 3.0) -> dict:
+def model_cost(model_path: str | Path, latency: bool = True, budget_s: float = 10.0) -> dict:
     """MACs and parameters per window of the tagger, and batch-1 CPU latency (torch engine)."""
     import torch
 
@@ -72,8 +72,8 @@ def model_cost(model_path: str | Path, latency: bool = True, budget_s: float = 3
     cost = {"macs_per_window": count_macs(model.tagger, torch.zeros(1, WINDOW_SAMPLES)),
             "params": sum(p.numel() for p in model.tagger.parameters())}
     if latency:
-        settings = BenchSettings(model=str(model_path), batch_sizes=(1,), warmup_s=0.5,
-                                 budget_s=budget_s, min_iters=20)
+        settings = BenchSettings(model=str(model_path), batch_sizes=(1,), warmup_s=2.0,
+                                 budget_s=budget_s, min_iters=50)
         r = measure_latency(create_engine(model, "torch", "cpu"), 1, settings)
         cost["cpu_ms_per_window"] = r["p50_ms"]
     return cost
