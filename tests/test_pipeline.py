@@ -37,6 +37,7 @@ def test_debug_pipeline_runs_every_stage_and_resumes(tmp_path):
     table = tmp_path / "table.md"
     res = CliRunner().invoke(app, ["train", "compare", str(ev), f"{ev}@song/aggregator",
                                    "--labels", "mean,aggregator", "--bootstrap", "50",
+                                   "--latency-s", "0.2",
                                    "--out", str(table)])
     assert res.exit_code == 0, res.output
     text = table.read_text()

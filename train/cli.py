@@ -142,6 +142,8 @@ def compare(
     cost: bool = typer.Option(True, "--cost/--no-cost",
                               help="MACs, parameters and batch-1 CPU latency per window."),
     bootstrap: int = typer.Option(1000, "--bootstrap", min=1, help="Resamples for the CI."),
+    latency_s: float = typer.Option(10.0, "--latency-s", min=0.01,
+                                    help="Seconds of timed batch-1 calls per model."),
     out: Path = typer.Option(None, "--out", "-o", help="Append the Markdown here."),
 ) -> None:
     """Evaluations side by side: deltas with paired bootstrap CIs, cost, per tag group."""
@@ -154,7 +156,8 @@ def compare(
         raise _fail(RtaggerError(f"--reference {reference} is not a row index"))
     try:
         loaded = [load_row(spec, name) for spec, name in zip(rows, names, strict=True)]
-        costs = ({r.label: model_cost(r.meta["model"]) for r in loaded} if cost else None)
+        costs = ({r.label: model_cost(r.meta["model"], budget_s=latency_s) for r in loaded}
+                 if cost else None)
         text = compare_markdown(loaded, reference, costs, title, bootstrap)
     except RtaggerError as e:
         raise _fail(e) from None

@@ -72,8 +72,9 @@ def model_cost(model_path: str | Path, latency: bool = True, budget_s: float = 1
     cost = {"macs_per_window": count_macs(model.tagger, torch.zeros(1, WINDOW_SAMPLES)),
             "params": sum(p.numel() for p in model.tagger.parameters())}
     if latency:
-        settings = BenchSettings(model=str(model_path), batch_sizes=(1,), warmup_s=2.0,
-                                 budget_s=budget_s, min_iters=50)
+        settings = BenchSettings(model=str(model_path), batch_sizes=(1,),
+                                 warmup_s=min(2.0, budget_s), budget_s=budget_s,
+                                 min_iters=min(50, max(1, round(budget_s * 20))))
         r = measure_latency(create_engine(model, "torch", "cpu"), 1, settings)
         cost["cpu_ms_per_window"] = r["p50_ms"]
     return cost
