@@ -132,7 +132,9 @@ class InferenceWorker:
             if first is _STOP:
                 break
             batch, n = [first], len(first.items)
-            deadline = first.queued_at + self.max_wait_s
+            # Window batches wait up to max_wait_s for company (throughput); aggregation
+            # takes what is queued and goes: it is cheap, and an update waits on it.
+            deadline = first.queued_at + (self.max_wait_s if first.kind == "tag" else 0.0)
             while n < self.max_batch:
                 remaining = deadline - time.perf_counter()
                 try:

@@ -106,3 +106,16 @@ def test_stopped_worker_refuses_work(debug_model):
     worker.close()
     with pytest.raises(RtaggerError, match="stopped"):
         worker.tag(_windows(1))
+
+
+def test_aggregation_does_not_wait_for_a_batch_to_fill(debug_model):
+    # Window batches may wait max_wait_s for company; an aggregation request goes at once.
+    worker = InferenceWorker(create_engine(debug_model), debug_model.aggregator,
+                             max_batch=32, max_wait_s=30.0)
+    ctx = np.random.default_rng(0).standard_normal((5, debug_model.tagger.cfg.d_model))
+    try:
+        out = worker.aggregate([ctx.astype(np.float32)]).result(5)
+    finally:
+        worker.close()
+    np.testing.assert_allclose(out, run_aggregator(debug_model.aggregator,
+                                                   [ctx.astype(np.float32)]), atol=1e-6)
