@@ -256,7 +256,7 @@ def run_bench(settings: BenchSettings,
     ``progress(label, total_steps)`` is called when a new measurement starts; ticks of
     ``progress("", 0)`` mark progress inside it (see :func:`register` for a rich bar).
     """
-    from rtagger.model import count_macs
+    from rtagger.model import tagger_cost
 
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
@@ -266,14 +266,14 @@ def run_bench(settings: BenchSettings,
     if not names:
         reasons = "; ".join(f"{n}: {unavailable_reason(n, settings.device)}" for n in ENGINES)
         raise EngineUnavailable(f"no engine can run on {settings.device} here ({reasons})")
+    cost = tagger_cost(model.tagger)
     report: dict = {
         "report_version": REPORT_VERSION,
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "settings": asdict(settings),
         "machine": machine_info(settings.device),
         "model": {"name": model.name, "trained": model.trained,
-                  "tagger_params": sum(p.numel() for p in model.tagger.parameters()),
-                  "macs_per_window": count_macs(model.tagger, torch.zeros(1, WINDOW_SAMPLES)),
+                  "tagger_params": cost["params"], "macs_per_window": cost["macs_per_window"],
                   "window_s": round(WINDOW_S, 4)},
         "engines": {}, "latency": [], "offline": [],
         "streaming": None,

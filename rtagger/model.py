@@ -362,18 +362,24 @@ def count_macs(model: nn.Module, *inputs: torch.Tensor) -> int:
     return total
 
 
+def tagger_cost(tagger: ChunkTagger) -> dict:
+    """Parameters and multiply-accumulates per 3.69 s window of a window tagger."""
+    return {"params": sum(p.numel() for p in tagger.parameters()),
+            "macs_per_window": count_macs(tagger, torch.zeros(1, WINDOW_SAMPLES))}
+
+
 def size_report(n_tags: int = 36) -> list[dict]:
     """Parameters and MACs per window (tagger) and per 64-window context (aggregator)."""
     rows = []
     for size in SIZES:
         tagger = ChunkTagger(tagger_config(size, n_tags))
         agg = ContextAggregator(aggregator_config(size, n_tags, tagger.cfg.d_model))
-        wave = torch.zeros(1, WINDOW_SAMPLES)
         ctx = torch.zeros(1, agg.cfg.max_windows, tagger.cfg.d_model)
+        cost = tagger_cost(tagger)
         rows.append({
             "size": size,
-            "tagger_params": sum(p.numel() for p in tagger.parameters()),
-            "tagger_macs_per_window": count_macs(tagger, wave),
+            "tagger_params": cost["params"],
+            "tagger_macs_per_window": cost["macs_per_window"],
             "aggregator_params": sum(p.numel() for p in agg.parameters()),
             "aggregator_macs_full_context": count_macs(agg, ctx),
             "aggregator_context_windows": agg.cfg.max_windows,

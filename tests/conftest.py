@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 
 from rtagger.audio import SAMPLE_RATE
 
@@ -18,6 +19,18 @@ FORMATS = [
     ("mp3", "libmp3lame", "fltp"),
     ("m4a", "aac", "fltp"),
 ]
+
+
+def cli_with(register) -> typer.Typer:
+    """A typer app holding the commands that ``register(app)`` adds (e.g. bench, export)."""
+    app = typer.Typer()
+    register(app)
+
+    @app.callback()
+    def _root() -> None:  # keeps a single command a named subcommand
+        pass
+
+    return app
 
 
 def music_like(seconds: float, sr: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:

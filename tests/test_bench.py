@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import typer
+from conftest import cli_with
 from typer.testing import CliRunner
 
 from rtagger.bench import BenchSettings, bench_streams, register, results_table, run_bench
@@ -15,14 +16,7 @@ from rtagger.errors import ConfigError
 
 
 def _app() -> typer.Typer:
-    app = typer.Typer()
-    register(app)
-
-    @app.callback()
-    def _root() -> None:  # keeps "bench" a named subcommand
-        pass
-
-    return app
+    return cli_with(register)
 
 
 def test_quick_bench_writes_a_valid_report(tmp_path):

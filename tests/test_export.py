@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import typer
-from conftest import music_like
+from conftest import cli_with, music_like
 from typer.testing import CliRunner
 
 from deploy.export import (
@@ -37,14 +37,7 @@ def windows() -> np.ndarray:
 
 
 def _cli() -> typer.Typer:
-    app = typer.Typer()
-    register(app)
-
-    @app.callback()
-    def _root() -> None:  # keeps "export" a named subcommand
-        pass
-
-    return app
+    return cli_with(register)
 
 
 @pytest.fixture(scope="module")

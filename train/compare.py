@@ -60,17 +60,13 @@ def load_row(spec: str, label: str | None = None) -> Row:
 
 def model_cost(model_path: str | Path, latency: bool = True, budget_s: float = 10.0) -> dict:
     """MACs and parameters per window of the tagger, and batch-1 CPU latency (torch engine)."""
-    import torch
-
-    from rtagger.audio import WINDOW_SAMPLES
     from rtagger.bench import BenchSettings, measure_latency
     from rtagger.checkpoint import load_model
     from rtagger.engines import create_engine
-    from rtagger.model import count_macs
+    from rtagger.model import tagger_cost
 
     model = load_model(model_path)
-    cost = {"macs_per_window": count_macs(model.tagger, torch.zeros(1, WINDOW_SAMPLES)),
-            "params": sum(p.numel() for p in model.tagger.parameters())}
+    cost = tagger_cost(model.tagger)
     if latency:
         settings = BenchSettings(model=str(model_path), batch_sizes=(1,),
                                  warmup_s=min(2.0, budget_s), budget_s=budget_s,
@@ -115,15 +111,12 @@ def compare_markdown(rows: list[Row], reference: int = 0, costs: dict[str, dict]
         else:
             delta, low, high = paired_delta(r, ref, n=bootstrap)
             d["delta PR-AUC [95% CI]"] = f"{delta:+.3f} [{low:+.3f}, {high:+.3f}]"
-        cost = (costs or {}).get(r.label, {})
-        d["MACs/window"] = cost.get("macs_per_window")
-        d["params"] = cost.get("params")
-        d["CPU ms/window"] = cost.get("cpu_ms_per_window")
+        if costs:
+            cost = costs.get(r.label, {})
+            d["MACs/window"] = cost.get("macs_per_window")
+            d["params"] = cost.get("params")
+            d["CPU ms/window"] = cost.get("cpu_ms_per_window")
         table_rows.append(d)
-    if not costs:
-        for d in table_rows:
-            for k in ("MACs/window", "params", "CPU ms/window"):
-                d.pop(k)
     lines = [f"### {title}", ""] if title else []
     lines.append(compare_table(table_rows, reference=ref.label, key="model",
                                relative="song PR-AUC"))

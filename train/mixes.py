@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from rtagger.audio import SAMPLE_RATE, WINDOW_SAMPLES, load_audio
-from rtagger.checkpoint import load_model
+from rtagger.checkpoint import TaggingModel, load_model
 from rtagger.protocol import Start
 from rtagger.stream import SegmenterConfig, StreamSession
 from rtagger.tagger import Tagger
@@ -119,10 +119,9 @@ def boundary_scores(true_s: list[float], found_s: list[float], duration_s: float
             "false": len(found_s) - hits, "duration_s": duration_s, "offsets": offsets}
 
 
-def tag_mixes(model_path: str | Path, mixes: list[Mix], *, hop_s: float = 1.0,
+def tag_mixes(model: TaggingModel, mixes: list[Mix], *, hop_s: float = 1.0,
               progress: bool = True) -> list[tuple[Mix, list]]:
     """Tag every mix once at the live hop: ``(mix, windows)`` for any number of scorings."""
-    model = load_model(model_path)
     tagger = Tagger(model, hop_s=hop_s, aggregation="mean", batch_size=32)
     tagged = []
     bar = Bar("tagging mixes", len(mixes), enabled=progress)
@@ -170,10 +169,10 @@ def evaluate_segmentation(model_path: str | Path, mixes: list[Mix], *, hop_s: fl
                           tolerance_s: float = 3.0, cfg: SegmenterConfig | None = None,
                           progress: bool = True) -> dict:
     """Boundary precision / recall / F-measure and false boundaries per hour on ``mixes``."""
-    tagged = tag_mixes(model_path, mixes, hop_s=hop_s, progress=progress)
-    tags = load_model(model_path).tags
-    return {"model": str(model_path),
-            **score_segmentation(tagged, tags, hop_s=hop_s, tolerance_s=tolerance_s, cfg=cfg)}
+    model = load_model(model_path)
+    tagged = tag_mixes(model, mixes, hop_s=hop_s, progress=progress)
+    return {"model": str(model_path), **score_segmentation(
+        tagged, model.tags, hop_s=hop_s, tolerance_s=tolerance_s, cfg=cfg)}
 
 
 def sweep_segmentation(model_path: str | Path, mixes: list[Mix], thresholds: list[float],
@@ -187,9 +186,9 @@ def sweep_segmentation(model_path: str | Path, mixes: list[Mix], thresholds: lis
     from dataclasses import replace
 
     base = base or SegmenterConfig()
-    tagged = tag_mixes(model_path, mixes, hop_s=hop_s, progress=progress)
-    tags = load_model(model_path).tags
-    rows = [score_segmentation(tagged, tags, hop_s=hop_s, tolerance_s=tolerance_s,
+    model = load_model(model_path)
+    tagged = tag_mixes(model, mixes, hop_s=hop_s, progress=progress)
+    rows = [score_segmentation(tagged, model.tags, hop_s=hop_s, tolerance_s=tolerance_s,
                                cfg=replace(base, threshold=t, confirm=c))
             for t in thresholds for c in confirms]
     best = max(rows, key=lambda r: (r["f_measure"], -r["false"]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -120,9 +121,9 @@ class TaggerTask:
         if list(init.tags) != list(self.tags):
             raise ConfigError(f"{self.recipe.name}: model.init {path} has other tags than "
                               f"the labelled data")
-        mine, theirs = self.model.cfg, init.tagger.cfg
-        shape = ("conv_channels", "d_model", "n_layers", "n_heads", "ff_mult", "pooling")
-        diff = [k for k in shape if getattr(mine, k) != getattr(theirs, k)]
+        mine, theirs = asdict(self.model.cfg), asdict(init.tagger.cfg)
+        noise = ("dropout", "drop_path")  # training-time settings, not the architecture
+        diff = [k for k in mine if k not in noise and mine[k] != theirs[k]]
         if diff:
             raise ConfigError(f"{self.recipe.name}: model.init {path} differs in {diff}")
         self.model.load_state_dict(init.tagger.state_dict())
