@@ -316,6 +316,16 @@ def serve(
                               help="Require this shared token from clients."),
     allow_origin: list[str] = typer.Option([], "--allow-origin",
                                            help="Extra browser origins allowed."),
+    allowed_host: list[str] = typer.Option(
+        [], "--allowed-host", help="Host names clients may use besides loopback names "
+        "(given once or more, only these are accepted on a non-loopback bind)."),
+    max_frame_bytes: int = typer.Option(1 << 20, "--max-frame-bytes", min=1024,
+                                        help="Largest websocket frame accepted (close 1009)."),
+    max_connections: int = typer.Option(512, "--max-connections", min=1,
+                                        help="Open websocket connections of every kind."),
+    first_message_timeout: float = typer.Option(
+        10.0, "--first-message-timeout", min=0.1,
+        help="Seconds a new connection has to send its first message."),
     aggregation: Aggregation = typer.Option(Aggregation.auto, "--aggregation"),
     engine: str = ENGINE_OPTION,
     no_dashboard: bool = typer.Option(False, "--no-dashboard"),
@@ -333,8 +343,11 @@ def serve(
         raise _fail(str(e)) from None
     config = ServerConfig(host=host, port=port, max_streams=max_streams, max_batch=max_batch,
                           max_wait_s=max_wait_ms / 1000, token=token,
-                          allowed_origins=tuple(allow_origin), dashboard=not no_dashboard,
-                          aggregation=aggregation.value)
+                          allowed_origins=tuple(allow_origin),
+                          allowed_hosts=tuple(h.lower() for h in allowed_host),
+                          max_connections=max_connections, max_frame_bytes=max_frame_bytes,
+                          first_message_timeout_s=first_message_timeout,
+                          dashboard=not no_dashboard, aggregation=aggregation.value)
 
     async def run() -> None:
         async with TagServer(tagger.model, tagger.engine, config) as srv:

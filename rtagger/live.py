@@ -81,13 +81,24 @@ class SessionDriver:
         await self.emit(final)
         return final
 
-    async def cancel(self) -> None:
-        if self._task is not None and not self._task.done():
+    async def cancel(self) -> BaseException | None:
+        """Stop processing. Returns the error the processing task had ended with, if any.
+
+        The caller decides what that error means: after a client vanished, a failed send is
+        expected; anything else deserves a log line. Either way it is retrieved here, so
+        it is never reported as an unretrieved task exception later.
+        """
+        if self._task is None:
+            return None
+        if not self._task.done():
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
-                pass
+                return None
+            except Exception as e:  # it failed while being cancelled
+                return e
+        return None if self._task.cancelled() else self._task.exception()
 
     def _raise_if_failed(self) -> None:
         if self._task is not None and self._task.done() and not self._task.cancelled():

@@ -7,10 +7,16 @@ A thin asyncio adapter around the Sans-I/O parts: :mod:`rtagger.protocol` parses
 object only holds the registry of open streams (for admission control and subscribers).
 
 Safety: binds 127.0.0.1 unless told otherwise; optional shared token (``?token=`` or
-``Authorization: Bearer``); same-origin check for browsers (plus an allow list); maximum
-frame size and stream duration; nothing in the protocol names a file, so no client can make
-the server read or write its own files. One failing stream is logged with its traceback and
-closed with a reason; the others keep running.
+``Authorization: Bearer``); a ``Host`` allow-list (loopback names only when bound to
+loopback), so a DNS-rebinding page cannot reach a local server; same-origin check for
+browsers (plus an allow list); a cap on open connections and a first-message timeout, so
+idle sockets cannot pile up; maximum frame size and stream duration; nothing in the protocol
+names a file, so no client can make the server read or write its own files. One failing
+stream is logged with its traceback and closed with a reason; the others keep running.
+
+Health: ``GET /healthz`` answers 200 while the inference worker serves and 503 (with the
+reason) once it has stopped; new streams are then refused with ``unavailable``/1013, so a
+supervisor or load balancer can route around (or restart) an unhealthy process.
 
 Subscribers (dashboards) get a bounded view of a stream: events (``segment``, ``final``)
 queue up to a limit, while ``update`` messages replace any update the viewer has not been
@@ -21,9 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
-import secrets
+import sys
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -50,13 +57,16 @@ from rtagger.protocol import (
     started_msg,
 )
 from rtagger.stream import StreamSession
-from rtagger.worker import InferenceWorker
+from rtagger.worker import InferenceWorker, WorkerStopped
 
 log = logging.getLogger(__name__)
 
 CLOSE_POLICY = 1008  # protocol violation by the client
-CLOSE_TRY_LATER = 1013  # admission control
+CLOSE_TRY_LATER = 1013  # admission control, or this process cannot tag: try another
 CLOSE_INTERNAL = 1011
+# Error codes that are about the server's state, not the client's messages.
+_TRY_LATER = {"stream_limit", "connection_limit", "unavailable"}
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass
@@ -72,6 +82,9 @@ class ServerConfig:
     max_wait_s: float = 0.005
     token: str | None = None
     allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides the defaults
+    max_connections: int = 512  # open websocket connections of every kind
+    first_message_timeout_s: float = 10.0
     dashboard: bool = True
     aggregation: str = "auto"  # auto | mean
 
@@ -128,6 +141,7 @@ class TagServer:
                                       max_wait_s=self.config.max_wait_s)
         self.streams: dict[str, _Stream] = {}
         self.n_subscribers = 0
+        self.n_connections = 0
         self._server = None
         self._dashboard_html: bytes | None = None
 
@@ -173,18 +187,54 @@ class TagServer:
 
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         url = urlsplit(request.path)
+        if url.path == "/healthz":
+            # Probed by supervisors and load balancers, which send neither token nor a
+            # public Host; it reveals only whether this process can tag.
+            return self._health_response()
+        host = request.headers.get("Host", "")
+        if not self._host_ok(host):
+            return conn.respond(HTTPStatus.FORBIDDEN, f"host {host!r} not allowed (see "
+                                                      f"--allowed-host)\n")
         if self.config.token is not None and not self._authorized(request, url.query):
             return conn.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
         origin = request.headers.get("Origin")
         if origin is not None and not self._origin_ok(origin, request.headers):
             return conn.respond(HTTPStatus.FORBIDDEN, f"origin {origin} not allowed\n")
         if request.headers.get("Upgrade", "").lower() == "websocket":
+            if self.n_connections >= self.config.max_connections:
+                return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE,
+                                    f"server is at its limit of {self.config.max_connections} "
+                                    f"connections\n")
             return None  # the websocket handshake continues
         if url.path == "/api/streams":
             return _json_response(self.list_streams())
         if url.path in ("/", "/dashboard") and self.config.dashboard:
             return _response(HTTPStatus.OK, self._dashboard(), "text/html; charset=utf-8")
         return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
+
+    def health(self) -> dict:
+        """``ok`` while the inference worker serves; streams, connections, worker counters."""
+        worker = self.worker.health()
+        return {"status": "ok" if worker["ok"] else "unhealthy", "worker": worker,
+                "streams": len(self.streams), "connections": self.n_connections}
+
+    def _health_response(self) -> Response:
+        doc = self.health()
+        status = HTTPStatus.OK if doc["status"] == "ok" else HTTPStatus.SERVICE_UNAVAILABLE
+        return _response(status, json.dumps(doc).encode(), "application/json")
+
+    def _host_ok(self, host: str) -> bool:
+        """The ``Host`` header names this server (the DNS-rebinding defence).
+
+        Always allowed: loopback names and addresses, and ``--allowed-host`` names. When
+        bound to a non-loopback address and no ``--allowed-host`` is given, any host is.
+        """
+        name = _host_name(host)
+        if not name:
+            return False
+        if name in LOOPBACK_NAMES or name in self.config.allowed_hosts or _is_loopback(name):
+            return True
+        return not self.config.allowed_hosts and not _is_loopback(self.config.host)
 
     def _authorized(self, request: Request, query: str) -> bool:
         token = self.config.token or ""
@@ -217,8 +267,22 @@ class TagServer:
     # --- websocket connections ------------------------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
+        self.n_connections += 1
         try:
-            first = await ws.recv()
+            await self._serve_connection(ws)
+        finally:
+            self.n_connections -= 1
+
+    async def _serve_connection(self, ws: ServerConnection) -> None:
+        try:
+            if self.n_connections > self.config.max_connections:  # raced past the handshake
+                raise ProtocolError("connection_limit", f"server is at its limit of "
+                                    f"{self.config.max_connections} connections")
+            try:
+                first = await asyncio.wait_for(ws.recv(), self.config.first_message_timeout_s)
+            except TimeoutError:
+                raise ProtocolError("timeout", f"no message within "
+                                    f"{self.config.first_message_timeout_s:g} s") from None
             if isinstance(first, bytes):
                 raise ProtocolError("not_started", "binary audio before the start message")
             msg = parse_text(first)
@@ -230,10 +294,13 @@ class TagServer:
                 raise ProtocolError("not_started", "end before start")
         except ProtocolError as e:
             log.info("client %s: %s", ws.remote_address, e)
-            await _send_error(ws, e.code, e.message, close=(
-                CLOSE_TRY_LATER if e.code == "stream_limit" else CLOSE_POLICY))
+            await _send_error(ws, e.code, e.message,
+                              close=CLOSE_TRY_LATER if e.code in _TRY_LATER else CLOSE_POLICY)
         except ConnectionClosed:
             pass  # the client went away; its stream was cleaned up below
+        except WorkerStopped as e:
+            log.error("stream from %s: %s", ws.remote_address, e)
+            await _send_error(ws, "unavailable", str(e), close=CLOSE_TRY_LATER)
         except Exception:
             # One broken stream must never take down the others: log, tell, close.
             log.exception("stream from %s failed", ws.remote_address)
@@ -241,6 +308,9 @@ class TagServer:
                               close=CLOSE_INTERNAL)
 
     async def _run_stream(self, ws: ServerConnection, start: Start) -> None:
+        if not self.worker.alive:
+            raise ProtocolError("unavailable", "this server cannot tag: its inference worker "
+                                f"stopped ({self.worker.health()['reason']}); see /healthz")
         if len(self.streams) >= self.config.max_streams:
             raise ProtocolError("stream_limit", f"server is at its limit of "
                                                 f"{self.config.max_streams} streams")
@@ -281,7 +351,12 @@ class TagServer:
                 raise ProtocolError("bad_message", "subscribe on a streaming connection")
         finally:
             self.streams.pop(sid, None)
-            await driver.cancel()
+            failure = await driver.cancel()
+            # Log what nobody else will: a failure raised to the handler is logged there,
+            # and a failed send to a client that has gone is expected.
+            if (failure is not None and failure is not sys.exc_info()[1]
+                    and not isinstance(failure, ConnectionClosed)):
+                log.error("stream %s: processing failed", sid, exc_info=failure)
             if not ended:
                 # Error or vanished client: viewers still get a final, so none waits forever.
                 final = session.final_msg(session.context.mean_probs()) | {
@@ -339,5 +414,18 @@ def _json_response(doc: dict) -> Response:
     return _response(HTTPStatus.OK, json.dumps(doc).encode(), "application/json")
 
 
-def new_token() -> str:
-    return secrets.token_urlsafe(24)
+def _host_name(host: str) -> str:
+    """``Host`` header -> lower-case name without port (``[::1]:8765`` -> ``::1``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else ""
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_loopback(name: str) -> bool:
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False

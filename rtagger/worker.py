@@ -3,7 +3,16 @@
 Requests are windows to tag (``tag``) or track contexts to aggregate (``aggregate``). The
 worker thread takes the first waiting request, gathers more of the same kind until
 ``max_batch`` windows or ``max_wait_s`` have passed, runs one batch, and resolves every
-request's future with its slice of the result or with the batch's exception.
+request's future exactly once, with its slice of the result or with the batch's exception.
+
+Failure model
+    A request whose caller gave up (its future was cancelled, e.g. a client disconnected
+    while its windows were queued) is skipped: ``set_running_or_notify_cancel`` marks the
+    others running, so they can no longer be cancelled and resolving them cannot fail. A
+    batch that raises fails its own requests and the worker goes on. Should the thread stop
+    anyway (an error that is not an ``Exception``), it records why, fails every waiting
+    request with :class:`WorkerStopped`, refuses new ones, and :meth:`InferenceWorker.health`
+    reports it, so a server can say it is unhealthy instead of failing stream by stream.
 
 Thread safety
     :meth:`InferenceWorker.tag` and :meth:`InferenceWorker.aggregate` may be called from
@@ -25,7 +34,7 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +51,10 @@ class Overloaded(RtaggerError):
     """The worker's queue is full."""
 
 
+class WorkerStopped(RtaggerError):
+    """The worker is not running (closed, or stopped by an error): nothing can be served."""
+
+
 @dataclass
 class _Request:
     kind: str  # "tag" | "aggregate"
@@ -56,6 +69,7 @@ class WorkerStats:
     windows: int = 0
     contexts: int = 0
     errors: int = 0
+    cancelled: int = 0  # requests skipped because their caller had given up
     busy_s: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)  # most recent 1,000 batches
 
@@ -78,6 +92,10 @@ class InferenceWorker:
         self._seq = itertools.count()
         self._held: _Request | None = None  # a request of the other kind, kept for next batch
         self.stats = WorkerStats()
+        # Set once, under the lock, when the thread stops taking requests; `_submit` checks
+        # it under the same lock, so no request can slip in after the final drain.
+        self._lock = threading.Lock()
+        self._stopped_reason: str | None = None
         self._thread = threading.Thread(target=self._run, name="rtagger-inference",
                                         daemon=True)
         self._thread.start()
@@ -95,19 +113,34 @@ class InferenceWorker:
         return self._submit(_Request("aggregate", contexts))
 
     def _submit(self, req: _Request) -> Future:
-        if not self._thread.is_alive():
-            raise RtaggerError("inference worker is stopped")
-        try:
-            self._queue.put_nowait((_PRIORITY[req.kind], next(self._seq), req))
-        except queue.Full:
-            raise Overloaded(f"inference queue full ({self._queue.maxsize} requests)") from None
+        with self._lock:
+            if self._stopped_reason is not None:
+                raise WorkerStopped(f"inference worker is stopped ({self._stopped_reason})")
+            try:
+                self._queue.put_nowait((_PRIORITY[req.kind], next(self._seq), req))
+            except queue.Full:
+                raise Overloaded(f"inference queue full ({self._queue.maxsize} "
+                                 f"requests)") from None
         return req.future
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish queued requests, then stop the thread."""
         if self._thread.is_alive():
+            # Blocking put: the stop marker waits for room rather than being lost.
             self._queue.put((_PRIORITY["stop"], next(self._seq), _STOP))
             self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        """True while the worker accepts and serves requests."""
+        return self._stopped_reason is None and self._thread.is_alive()
+
+    def health(self) -> dict:
+        """JSON-ready state for health checks: ``ok``, why not, queue depth, counters."""
+        s = self.stats
+        return {"ok": self.alive, "reason": self._stopped_reason, "queue": self.queue_depth,
+                "batches": s.batches, "windows": s.windows, "contexts": s.contexts,
+                "errors": s.errors, "cancelled": s.cancelled}
 
     @property
     def queue_depth(self) -> int:
@@ -126,11 +159,23 @@ class InferenceWorker:
         return item[2]
 
     def _run(self) -> None:
+        reason = "closed"
+        try:
+            self._loop()
+        except BaseException as e:  # the worker must never die silently
+            reason = f"stopped by {type(e).__name__}: {e}"
+            log.critical("inference worker %s; the server is unhealthy", reason, exc_info=True)
+        finally:
+            with self._lock:
+                self._stopped_reason = reason
+            self._fail_waiting(reason)
+
+    def _loop(self) -> None:
         stopping = False
         while not stopping:
             first = self._next(None)
             if first is _STOP:
-                break
+                return
             batch, n = [first], len(first.items)
             # Window batches wait up to max_wait_s for company (throughput); aggregation
             # takes what is queued and goes: it is cheap, and an update waits on it.
@@ -151,38 +196,51 @@ class InferenceWorker:
                 batch.append(req)
                 n += len(req.items)
             self._execute(batch)
-        # Requests left after a stop get an error rather than hanging their callers.
+
+    def _fail_waiting(self, reason: str) -> None:
+        """After the thread stops: every request still queued gets an error, none hangs."""
         while True:
             try:
                 req = self._held or self._get(block=False)
                 self._held = None
             except queue.Empty:
-                break
-            if req is not _STOP:
-                req.future.set_exception(RtaggerError("inference worker stopped"))
+                return
+            if req is not _STOP and req.future.set_running_or_notify_cancel():
+                _resolve(req, exc=WorkerStopped(f"inference worker stopped ({reason})"))
 
     def _execute(self, batch: list[_Request]) -> None:
-        items = [x for req in batch for x in req.items]
+        # Claim each request; one whose caller cancelled it is skipped (never computed,
+        # never resolved), and a claimed one can no longer be cancelled under us.
+        claimed = [req for req in batch if req.future.set_running_or_notify_cancel()]
+        self.stats.cancelled += len(batch) - len(claimed)
+        if not claimed:
+            return
+        kind = claimed[0].kind
+        items = [x for req in claimed for x in req.items]
         t0 = time.perf_counter()
         try:
-            if batch[0].kind == "tag":
-                outputs = self._run_windows(items)
+            if kind == "tag":
+                probs, embs = self._run_windows(items)
             else:
-                outputs = run_aggregator(self.aggregator, items)
-        except Exception as e:
-            log.exception("inference batch of %d items failed", len(items))
-            self.stats.errors += 1
-            for req in batch:
-                req.future.set_exception(e)
+                track = run_aggregator(self.aggregator, items)
+        except BaseException as e:
+            if isinstance(e, Exception):
+                log.exception("inference batch of %d items failed", len(items))
+                self.stats.errors += 1
+            for req in claimed:
+                _resolve(req, exc=e if isinstance(e, Exception) else
+                         WorkerStopped(f"inference worker stopped by {type(e).__name__}"))
+            if not isinstance(e, Exception):
+                raise
             return
-        self._account(batch[0].kind, len(items), time.perf_counter() - t0)
+        self._account(kind, len(items), time.perf_counter() - t0)
         pos = 0
-        for req in batch:
+        for req in claimed:
             k = len(req.items)
-            if batch[0].kind == "tag":
-                req.future.set_result((outputs[0][pos : pos + k], outputs[1][pos : pos + k]))
+            if kind == "tag":
+                _resolve(req, result=(probs[pos : pos + k], embs[pos : pos + k]))
             else:
-                req.future.set_result(outputs[pos : pos + k])
+                _resolve(req, result=track[pos : pos + k])
             pos += k
 
     def _run_windows(self, windows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -203,3 +261,14 @@ class InferenceWorker:
             del s.batch_sizes[:-1000]
         else:
             s.contexts += n
+
+
+def _resolve(req: _Request, *, result=None, exc: BaseException | None = None) -> None:
+    """Resolve one claimed request; a failure here is logged, never raised into the loop."""
+    try:
+        if exc is not None:
+            req.future.set_exception(exc)
+        else:
+            req.future.set_result(result)
+    except InvalidStateError:
+        log.error("inference request resolved twice (%s); ignored", req.kind, exc_info=True)

@@ -61,6 +61,32 @@ def test_end_and_subscribe():
     ('{"type":"end","now":1}', "bad_message"),
     ('{"type":"subscribe"}', "bad_message"),
     ("x" * (MAX_TEXT_BYTES + 1), "too_large"),
+    # found by hostile clients: each once escaped as an internal error, or was accepted
+    ("[" * 973 + "]" * 973, "bad_json"),  # RecursionError in the parser
+    ('{"type":"start","name":' + "[" * 10 + "]" * 10 + "}", "bad_json"),
+    ('{"type":"start","top_k":' + "9" * 4301 + "}", "bad_message"),  # int() digit limit
+    ('{"type":"start","sample_rate":' + "1" * 5000 + "}", "bad_message"),
+    ('{"type":"start","version":' + "1" * 19 + "}", "bad_message"),
+    ('{"type":"start","hop_s":' + "1" * 401 + "}", "bad_message"),  # OverflowError
+    ('{"type":"start","hop_s":1e400}', "bad_message"),  # inf
+    ('{"type":"start","hop_s":NaN}', "bad_json"),  # not JSON at all
+    ('{"type":"start","hop_s":-Infinity}', "bad_json"),
+    (_start(format=[]), "bad_message"),  # TypeError: unhashable
+    (_start(format={}), "bad_message"),
+    (_start(format=None), "bad_message"),
+    (_start(version=True), "bad_message"),  # booleans are not integers in JSON Schema
+    (_start(version="1"), "bad_message"),
+    (_start(version=1.0), "bad_message"),
+    (_start(stream_id=None), "bad_message"),  # the schema has no null stream_id
+    (_start(stream_id=7), "bad_message"),
+    (_start(top_k=False), "bad_message"),
+    (_start(hop_s=True), "bad_message"),
+    (_start(name=None), "bad_message"),
+    (_start(segment=None), "bad_message"),
+    ('{"type":["start"]}', "unknown_type"),
+    ('{"type":{"a":1}}', "unknown_type"),
+    ('{"type":"subscribe","stream_id":null}', "bad_message"),
+    ('{"type":"subscribe","stream_id":["a"]}', "bad_message"),
 ])
 def test_bad_messages_get_specific_codes(text, code):
     with pytest.raises(ProtocolError) as e:
@@ -85,5 +111,28 @@ def test_pcm_decoding():
 
 def test_error_messages_only_use_documented_codes():
     assert error_msg("bad_audio", "x")["code"] == "bad_audio"
-    with pytest.raises(AssertionError):
+    with pytest.raises(ValueError, match="undocumented"):
         error_msg("oops", "x")
+
+
+def test_strings_do_not_count_as_nesting_and_big_values_stay_in_range():
+    # brackets inside a string are text, not structure
+    assert parse_text(_start(name="[[[[[[{{{{{{ \\\" ]]]]")).name == "[[[[[[{{{{{{ \\\" ]]]]"
+    assert parse_text(_start(hop_s=3)).hop_s == 3.0  # an integer hop is a number
+    with pytest.raises(ProtocolError, match="at most 18"):
+        parse_text('{"type":"start","channels":-' + "1" * 40 + "}")
+
+
+def test_validation_survives_python_optimisation(tmp_path):
+    """``python -O`` strips asserts: validation must not rely on them."""
+    import subprocess
+    import sys
+
+    code = ("from rtagger.protocol import parse_text, ProtocolError\n"
+            "for t in ['{\"type\":\"start\",\"version\":true}', '{\"type\":\"start\",'"
+            "'\"format\":[]}']:\n"
+            "    try:\n        parse_text(t)\n    except ProtocolError as e:\n"
+            "        print(e.code)\n")
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["bad_message", "bad_message"]

@@ -262,3 +262,106 @@ def test_every_message_matches_the_published_schema(debug_model):
     validator.validate({"type": "segment", "stream_id": "a-1", "segment": 1, "start_s": 31.0})
     with pytest.raises(jsonschema.ValidationError):
         validator.validate({"type": "start", "path": "/etc/passwd"})
+
+
+async def http_get(port: int, path: str, host: str | None = None,
+                   extra: dict | None = None) -> tuple[int, bytes]:
+    """A raw HTTP/1.1 request (any Host header), as a browser or a probe would send it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    headers = {"Host": f"127.0.0.1:{port}" if host is None else host, "Connection": "close",
+               **(extra or {})}
+    writer.write((f"GET {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n"
+                                                        for k, v in headers.items())
+                  + "\r\n").encode())
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+WS_UPGRADE = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+              "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+
+
+class _Fatal(BaseException):
+    """An error that no batch handler swallows: it stops the inference worker."""
+
+
+class DyingEngine:
+    """The model's real engine until ``die`` is set; then its next batch stops the worker."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.die = inner, False
+        self.name, self.device = inner.name, inner.device
+
+    def run(self, windows):
+        if self.die:
+            raise _Fatal("accelerator lost")
+        return self.inner.run(windows)
+
+
+def test_a_stopped_worker_makes_the_server_unhealthy_and_refuse_streams(debug_model):
+    engine = DyingEngine(create_engine(debug_model))
+
+    async def go():
+        config = ServerConfig(port=0)
+        async with TagServer(debug_model, engine, config) as srv:
+            status, body = await http_get(srv.port, "/healthz")
+            assert status == 200 and json.loads(body)["status"] == "ok"
+            engine.die = True
+            msg, close = await first_error(srv.url, json.dumps({"type": "start", "hop_s": 1.0}),
+                                           np.zeros(2 * SAMPLE_RATE, "<i2").tobytes(),
+                                           json.dumps({"type": "end"}))
+            assert (msg["code"], close) == ("unavailable", 1013)
+            status, body = await http_get(srv.port, "/healthz")
+            doc = json.loads(body)
+            assert status == 503 and doc["status"] == "unhealthy"
+            assert "accelerator lost" in doc["worker"]["reason"]
+            msg, close = await first_error(srv.url, json.dumps({"type": "start"}))
+            assert (msg["code"], close) == ("unavailable", 1013)
+            assert "/healthz" in msg["message"]
+    run(go())
+
+
+def test_first_message_timeout_and_connection_cap(debug_model):
+    async def go():
+        async with server(debug_model, first_message_timeout_s=0.3, max_connections=3) as srv:
+            idle = [await connect(srv.url) for _ in range(3)]
+            # a fourth is refused during the handshake, before it costs a handler
+            with pytest.raises(InvalidStatus) as e:
+                async with connect(srv.url):
+                    pass
+            assert e.value.response.status_code == 503
+            for ws in idle:  # the silent ones are closed with a reason
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                assert msg["code"] == "timeout"
+                with pytest.raises(ConnectionClosed):
+                    await ws.recv()
+                assert ws.close_code == 1008
+            await eventually(lambda: srv.n_connections == 0)
+            final = await stream_to_server(srv.url, blocks_of(np.zeros(SAMPLE_RATE,
+                                                                       np.float32)),
+                                           sample_rate=SAMPLE_RATE, live=False)
+            assert final["windows"] == 1
+    run(go())
+
+
+def test_host_allow_list_stops_dns_rebinding(debug_model):
+    async def go():
+        async with server(debug_model) as srv:
+            p = srv.port
+            for host in (f"127.0.0.1:{p}", f"localhost:{p}", f"[::1]:{p}", "127.0.0.1"):
+                assert (await http_get(p, "/api/streams", host))[0] == 200, host
+            # a rebinding page: Host and Origin agree, but name a foreign host
+            status, body = await http_get(p, "/", f"evil.example:{p}",
+                                          WS_UPGRADE | {"Origin": f"http://evil.example:{p}"})
+            assert status == 403 and b"not allowed" in body
+            assert (await http_get(p, "/api/streams", ""))[0] == 403
+            # a probe may use any Host: health says nothing private
+            assert (await http_get(p, "/healthz", f"10.0.0.9:{p}"))[0] == 200
+        async with server(debug_model, allowed_hosts=("tagger.example",)) as srv:
+            p = srv.port
+            assert (await http_get(p, "/api/streams", f"tagger.example:{p}"))[0] == 200
+            assert (await http_get(p, "/api/streams", f"evil.example:{p}"))[0] == 403
+    run(go())

@@ -119,3 +119,81 @@ def test_aggregation_does_not_wait_for_a_batch_to_fill(debug_model):
         worker.close()
     np.testing.assert_allclose(out, run_aggregator(debug_model.aggregator,
                                                    [ctx.astype(np.float32)]), atol=1e-6)
+
+
+def test_a_request_cancelled_while_queued_is_skipped_and_the_worker_goes_on(debug_model):
+    # The failure that once killed the worker: a client disconnects while its windows wait.
+    engine = GatedEngine(create_engine(debug_model))
+    worker = InferenceWorker(engine, max_batch=1, max_wait_s=0.0)
+    try:
+        running = worker.tag(_windows(1, 0))  # taken by the thread, held at the gate
+        queued = [worker.tag(_windows(1, i)) for i in (1, 2, 3)]
+        assert queued[1].cancel()  # the caller gave up before the worker got to it
+        engine.gate.set()
+        running.result(10)
+        queued[0].result(10)
+        queued[2].result(10)
+        assert queued[1].cancelled()
+        assert worker.stats.cancelled == 1 and engine.batches == [1, 1, 1]  # never computed
+        assert worker.alive and worker.health()["ok"]
+        probs, _ = worker.tag(_windows(1, 9)).result(10)  # and it still serves
+        assert probs.shape == (1, len(debug_model.tags))
+    finally:
+        engine.gate.set()
+        worker.close()
+
+
+def test_asyncio_callers_cancelled_mid_request_never_stop_the_worker(debug_model):
+    """Cancel awaiting tasks (what a vanished client's session does) while queued or running."""
+    import asyncio
+
+    engine = GatedEngine(create_engine(debug_model))
+    worker = InferenceWorker(engine, max_batch=2, max_wait_s=0.0)
+
+    async def go():
+        tasks = [asyncio.ensure_future(asyncio.wrap_future(worker.tag(_windows(1, i))))
+                 for i in range(8)]
+        await asyncio.sleep(0.05)  # the first batch is in the engine, the rest queued
+        for t in tasks[::2]:
+            t.cancel()
+        engine.gate.set()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(d, asyncio.CancelledError) for d in done[::2])
+        assert all(isinstance(d, tuple) for d in done[1::2])
+        return await asyncio.wrap_future(worker.tag(_windows(2, 99)))
+
+    try:
+        probs, _ = asyncio.run(asyncio.wait_for(go(), 30))
+        assert probs.shape[0] == 2 and worker.alive
+        assert worker.stats.errors == 0 and worker.stats.cancelled >= 1
+    finally:
+        engine.gate.set()
+        worker.close()
+
+
+class _Fatal(BaseException):
+    """Stands for an error no batch handler should swallow (not an ``Exception``)."""
+
+
+def test_a_worker_that_stops_says_so_and_fails_every_waiter(debug_model):
+    from rtagger.worker import WorkerStopped
+
+    class DyingEngine(GatedEngine):
+        def run(self, windows):
+            self.gate.wait(10)
+            raise _Fatal("device vanished")
+
+    engine = DyingEngine()
+    worker = InferenceWorker(engine, max_batch=1, max_wait_s=0.0)
+    first = worker.tag(_windows(1))
+    waiting = [worker.tag(_windows(1, i)) for i in range(3)]
+    engine.gate.set()
+    for f in [first, *waiting]:
+        with pytest.raises(WorkerStopped, match="_Fatal"):
+            f.result(10)
+    worker._thread.join(10)
+    health = worker.health()
+    assert not worker.alive and not health["ok"] and "device vanished" in health["reason"]
+    with pytest.raises(WorkerStopped, match="device vanished"):
+        worker.tag(_windows(1))
+    worker.close()  # closing a stopped worker is harmless
