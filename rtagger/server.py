@@ -124,11 +124,16 @@ class Subscriber:
                 await self.ws.send(encode(msg))
 
 
+HISTORY_MESSAGES = 64  # recent updates/segments a late viewer gets on subscribing
+
+
 @dataclass
 class _Stream:
     session: StreamSession
     name: str
     subscribers: set[Subscriber] = field(default_factory=set)
+    # Bounded recent past, so a viewer who joins late sees a taggram at once.
+    history: deque[dict] = field(default_factory=lambda: deque(maxlen=HISTORY_MESSAGES))
 
 
 class TagServer:
@@ -324,6 +329,8 @@ class TagServer:
         self.streams[sid] = entry
 
         async def emit(msg: dict) -> None:
+            if msg["type"] in ("update", "segment"):
+                entry.history.append(msg)
             for sub in entry.subscribers:
                 sub.offer(msg)
             await ws.send(encode(msg))
@@ -371,12 +378,18 @@ class TagServer:
         if self.n_subscribers >= self.config.max_subscribers:
             raise ProtocolError("stream_limit", "server is at its subscriber limit")
         sub = Subscriber(ws)
+        # The snapshot and the registration happen in one step of the event loop: every
+        # message is either in the history sent now or offered to the subscriber later.
+        history = list(entry.history)
         entry.subscribers.add(sub)
         self.n_subscribers += 1
         try:
             s = entry.session
             await ws.send(encode(started_msg(s.stream_id, s.start, self.model.tags,
-                                             self._model_info()) | {"subscribed": True}))
+                                             self._model_info()) | {"subscribed": True,
+                                                                    "history": len(history)}))
+            for past in history:
+                await ws.send(encode(past))
             pump = asyncio.ensure_future(sub.pump())
             closed = asyncio.ensure_future(ws.wait_closed())
             await asyncio.wait({pump, closed}, return_when=asyncio.FIRST_COMPLETED)

@@ -25,6 +25,7 @@ from rtagger.audio import SAMPLE_RATE, WINDOW_S, WINDOW_SAMPLES, Resampler
 from rtagger.model import ContextAggregator
 from rtagger.protocol import ProtocolError, Start, decode_pcm, top_tags
 from rtagger.ringbuffer import Window, Windower
+from rtagger.vocab import exclusive_indices
 
 
 @dataclass(frozen=True)
@@ -55,45 +56,62 @@ class Segmenter:
         self._recent: deque[np.ndarray] = deque()
 
     def update(self, embedding: np.ndarray) -> int:
-        """Add a window; returns how many recent windows start a new segment (0: none)."""
+        """Add a window; returns how many recent windows start a new segment (0: none).
+
+        Never more than ``confirm``: novel windows are held at most until there are
+        ``confirm`` of them. Then either the segment is long enough and they start the next
+        one, or it is too young to end (a track is never shorter than ``min_segment_s``),
+        and they are folded into it. So a segment that began on an outlier (silence, the
+        tail of a crossfade) is absorbed by the music that follows instead of keeping every
+        later window novel forever.
+        """
         e = np.asarray(embedding, np.float64)
         e = e / (np.linalg.norm(e) + 1e-9)
         if self._sum is None or self._count == 0:
             self._sum, self._count = e.copy(), 1
             return 0
         mean = self._sum / (np.linalg.norm(self._sum) + 1e-9)
-        if 1.0 - float(mean @ e) > self.cfg.threshold:
-            self._recent.append(e)
-        else:  # not novel: earlier novel windows were a blip; fold them into the segment
-            for r in self._recent:
-                self._sum += r
-                self._count += 1
-            self._recent.clear()
+        if 1.0 - float(mean @ e) <= self.cfg.threshold:
+            # not novel: earlier novel windows were a blip; fold them into the segment
+            self._fold()
             self._sum += e
             self._count += 1
             return 0
-        long_enough = self._count * self.hop_s >= self.cfg.min_segment_s
-        if len(self._recent) >= self.cfg.confirm and long_enough:
-            n = len(self._recent)
-            self._sum = np.sum(self._recent, axis=0)
-            self._count = n
-            self._recent.clear()
-            return n
-        return 0
+        self._recent.append(e)
+        if len(self._recent) < self.cfg.confirm:
+            return 0
+        if self._count * self.hop_s < self.cfg.min_segment_s:
+            self._fold()  # too young to end: the novel windows are this segment's own
+            return 0
+        n = len(self._recent)
+        self._sum = np.sum(self._recent, axis=0)
+        self._count = n
+        self._recent.clear()
+        return n
+
+    def _fold(self) -> None:
+        for r in self._recent:
+            self._sum += r
+            self._count += 1
+        self._recent.clear()
 
 
 class TagStabilizer:
     """Committed track tags with hysteresis, so dashboards don't flicker.
 
     A tag is committed after its track probability stays >= ``on`` for ``dwell`` updates and
-    released after it stays < ``off`` for ``dwell`` updates.
+    released after it stays < ``off`` for ``dwell`` updates. Within each ``exclusive`` group
+    of tag indices (``slow``/``fast``, ``major``/``minor``) at most one tag is committed: the
+    most probable one; the others are released.
     """
 
-    def __init__(self, n_tags: int, on: float = 0.5, off: float = 0.35, dwell: int = 3) -> None:
+    def __init__(self, n_tags: int, on: float = 0.5, off: float = 0.35, dwell: int = 3,
+                 exclusive: list[list[int]] | None = None) -> None:
         if not 0 <= off <= on <= 1:
             raise ValueError(f"need 0 <= off <= on <= 1, got on={on} off={off}")
         self.on, self.off, self.dwell = on, off, dwell
         self.n_tags = n_tags
+        self.exclusive = [np.asarray(g, np.int64) for g in exclusive or []]
         self.reset()
 
     def reset(self) -> None:
@@ -102,11 +120,20 @@ class TagStabilizer:
 
     def update(self, probs: np.ndarray) -> np.ndarray:
         want = np.where(self.committed, probs >= self.off, probs >= self.on)
+        for g in self.exclusive:
+            # Only the group's most probable tag may be wanted (ties: the first listed).
+            keep = g[int(np.argmax(probs[g]))]
+            want[g[g != keep]] = False
         changing = want != self.committed
         self._streak = np.where(changing, self._streak + 1, 0)
         flip = self._streak >= self.dwell
         self.committed = np.where(flip, want, self.committed)
         self._streak[flip] = 0
+        for g in self.exclusive:
+            # A newly committed tag replaces its rival at once, never beside it.
+            on = g[self.committed[g]]
+            if len(on) > 1:
+                self.committed[on[~want[on]]] = False
         return self.committed
 
 
@@ -125,12 +152,14 @@ class StreamSession:
         self._windower = Windower(self.hop)
         self.context = TrackContext(len(tags), aggregator)
         self.segmenter = Segmenter(start.hop_s, segmenter) if start.segment else None
-        self.stabilizer = TagStabilizer(len(tags))
+        self.stabilizer = TagStabilizer(len(tags), exclusive=exclusive_indices(tags))
         self.segment_id = 0
         self.segment_start_s = 0.0
         self.seq = 0
         self.dropped = 0  # windows skipped because the stream fell behind (live only)
-        self._recent: deque[tuple[Window, np.ndarray, np.ndarray]] = deque(maxlen=64)
+        # The windows a boundary may hand to the new segment: the Segmenter never declares
+        # more than `confirm`, and this keeps exactly that many.
+        self._recent: deque[tuple[Window, np.ndarray, np.ndarray]] = deque()
 
     @property
     def received_s(self) -> float:
@@ -153,8 +182,12 @@ class StreamSession:
         """Fold one tagged window into the track state; returns ``segment`` events."""
         events = []
         weight = window.valid / WINDOW_SAMPLES
-        self._recent.append((window, probs, emb))
-        n_new = self.segmenter.update(emb) if self.segmenter is not None else 0
+        n_new = 0
+        if self.segmenter is not None:
+            self._recent.append((window, probs, emb))
+            while len(self._recent) > self.segmenter.cfg.confirm:
+                self._recent.popleft()
+            n_new = self.segmenter.update(emb)
         if n_new:
             # The last n_new windows belong to the new track: restart the context with them.
             replay = list(self._recent)[-n_new:]

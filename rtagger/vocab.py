@@ -22,3 +22,16 @@ def tags_v1() -> list[str]:
 
 def tag_groups_v1() -> dict[str, str]:
     return {t: g for t, g, _ in load_vocabulary()}
+
+
+# Tags of one set exclude each other by their rules (tempo below 90 vs 140 and above; the
+# tonic chord is major or minor): a track may carry at most one of each set.
+EXCLUSIVE_V1: tuple[tuple[str, ...], ...] = (("slow", "fast"), ("major", "minor"))
+
+
+def exclusive_indices(tags: list[str],
+                      sets: tuple[tuple[str, ...], ...] = EXCLUSIVE_V1) -> list[list[int]]:
+    """Index groups of ``tags`` that exclude each other (sets with fewer than 2 present: none)."""
+    pos = {t: i for i, t in enumerate(tags)}
+    groups = [[pos[t] for t in group if t in pos] for group in sets]
+    return [g for g in groups if len(g) > 1]

@@ -176,10 +176,26 @@ def test_cli_prints_summary_and_failures(source, tmp_path):
     assert "not found" in result.output
 
 
+def test_installed_sources_finds_only_what_is_there(tmp_path, monkeypatch):
+    (tmp_path / "pkg" / "music").mkdir(parents=True)
+    monkeypatch.setattr(pool, "DEBIAN_SOURCES", {
+        "here": (str(tmp_path / "pkg" / "music"),), "glob": (str(tmp_path / "*" / "music"),),
+        "absent": (str(tmp_path / "nothing" / "*"),)})
+    assert pool.installed_sources() == ["here", "glob"]
+
+
+def test_held_out_packages_never_enter_a_pool(tmp_path):
+    from rtagger.errors import ConfigError
+
+    for name in ("wesnoth-1.16-music", "nexuiz-music", "musescore-general-soundfont-small"):
+        with pytest.raises(ConfigError, match="held out"):
+            build_pool_report(tmp_path / "p.jsonl", [name], progress=False)
+    assert not set(pool.DEBIAN_SOURCES) & pool.HELD_OUT_PACKAGES
+
+
 def test_real_debian_packages(tmp_path):
-    if not any(Path("/").glob(pat.lstrip("/")) for pats in pool.DEBIAN_SOURCES.values()
-               for pat in pats):
-        pytest.skip("wesnoth/warzone2100/ufoai music packages not installed")
+    if not pool.installed_sources():
+        pytest.skip("warzone2100-music / ufoai-music packages not installed")
     report = build_pool_report(tmp_path / "real.jsonl", None, progress=False)
     assert report.n_tracks > 0 and report.hours > 0.5
     assert not report.failures

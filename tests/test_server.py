@@ -365,3 +365,28 @@ def test_host_allow_list_stops_dns_rebinding(debug_model):
             assert (await http_get(p, "/api/streams", f"tagger.example:{p}"))[0] == 200
             assert (await http_get(p, "/api/streams", f"evil.example:{p}"))[0] == 403
     run(go())
+
+
+def test_a_late_viewer_gets_the_recent_history_at_once(debug_model):
+    async def go():
+        async with server(debug_model) as srv:
+            ws = await connect(srv.url)
+            await ws.send(json.dumps({"type": "start", "stream_id": "late", "hop_s": 1.0,
+                                      "segment": False, "live": False}))
+            await ws.recv()
+            await ws.send(np.zeros(12 * SAMPLE_RATE, "<i2").tobytes())  # 9 windows
+            ups = [json.loads(await ws.recv()) for _ in range(9)]
+            async with connect(srv.url) as viewer:
+                await viewer.send(json.dumps({"type": "subscribe", "stream_id": "late"}))
+                started = json.loads(await viewer.recv())
+                past = [json.loads(await viewer.recv()) for _ in range(started["history"])]
+                await ws.send(json.dumps({"type": "end"}))
+                rest = [json.loads(m) async for m in viewer]
+            await ws.close()
+            return ups, started, past, rest
+    ups, started, past, rest = run(go())
+    assert started["subscribed"] and started["history"] == 9
+    assert past == ups  # the same updates the streamer saw, in order
+    assert [m["type"] for m in rest][-1] == "final"
+    seqs = [m["seq"] for m in past + rest if m["type"] == "update"]
+    assert seqs == sorted(set(seqs))  # nothing twice

@@ -85,3 +85,68 @@ def test_session_segment_event_restarts_the_track_context(debug_model):
     np.testing.assert_allclose(s.context.mean_probs(), 1.0)
     msg = s.update_msg(w, np.ones(n), s.context.mean_probs(), 12.5)
     assert msg["segment"] == 1 and msg["seq"] == 1 and msg["latency_ms"] == 12.5
+
+
+def test_a_segment_that_starts_on_an_outlier_is_not_stuck():
+    """Silence first, then music: the music becomes the segment, and a later change is found."""
+    rng = np.random.default_rng(2)
+    silence, a, b = (_unit(rng.standard_normal(16)) for _ in range(3))
+    cfg = SegmenterConfig(threshold=0.3, confirm=3, min_segment_s=10)
+    seg = Segmenter(hop_s=1.0, cfg=cfg)
+    out = [seg.update(silence)] + [seg.update(a + 0.05 * rng.standard_normal(16))
+                                   for _ in range(30)]
+    assert sum(out) == 0 and len(seg._recent) < cfg.confirm  # held windows stay bounded
+    out = [seg.update(b + 0.05 * rng.standard_normal(16)) for _ in range(10)]
+    assert out[2] == 3 and sum(out) == 3
+
+
+def test_a_boundary_never_declares_more_windows_than_confirm():
+    rng = np.random.default_rng(3)
+    cfg = SegmenterConfig(threshold=0.3, confirm=80, min_segment_s=10)
+    seg = Segmenter(hop_s=1.0, cfg=cfg)
+    a, b = _unit(rng.standard_normal(16)), _unit(rng.standard_normal(16))
+    out = [seg.update(a) for _ in range(20)] + [seg.update(b) for _ in range(100)]
+    assert max(out) == 80 and out.index(80) == 20 + 79
+
+
+def test_session_replays_every_window_of_a_long_confirmation(debug_model):
+    """confirm > 64: the new segment gets all its windows (a 64-deep buffer once cut them)."""
+    from rtagger.ringbuffer import Window
+
+    n = len(debug_model.tags)
+    s = StreamSession("t", Start(hop_s=1.0), debug_model.tags, None)
+    s.segmenter.cfg = SegmenterConfig(threshold=0.3, confirm=70, min_segment_s=5)
+    rng = np.random.default_rng(0)
+    a, b = _unit(rng.standard_normal(32)), _unit(rng.standard_normal(32))
+    events = []
+    for i in range(10 + 70):
+        w = Window(i, i * 16000, np.zeros(59049, np.float32), 59049)
+        emb, p = (a, np.zeros(n)) if i < 10 else (b, np.ones(n))
+        events += s.add_window(w, p, emb)
+    assert [e["segment"] for e in events] == [1] and s.context.windows == 70
+    np.testing.assert_allclose(s.context.mean_probs(), 1.0)
+
+
+def test_exclusive_tags_are_never_committed_together():
+    from rtagger.vocab import exclusive_indices
+
+    tags = ["rock", "major", "minor", "slow", "fast"]
+    groups = exclusive_indices(tags)
+    assert groups == [[3, 4], [1, 2]]
+    st = TagStabilizer(len(tags), on=0.5, off=0.35, dwell=2, exclusive=groups)
+    rng = np.random.default_rng(0)
+    seen = []
+    for step in range(60):
+        # major and minor hover around 0.5 and swap the lead; slow/fast both high
+        p = np.array([0.9, 0.5 + 0.05 * np.sin(step), 0.5 - 0.05 * np.sin(step),
+                      0.8, 0.7]) + 0.01 * rng.standard_normal(5)
+        c = st.update(p)
+        assert not (c[1] and c[2]) and not (c[3] and c[4]), step
+        seen.append(c.copy())
+    seen = np.array(seen)
+    assert seen[-1, 0] and seen[-1, 3] and not seen[-1, 4]  # the likelier of slow/fast
+    assert seen[:, 1].any() or seen[:, 2].any()  # one mode tag is committed at times
+    # a rival that takes the lead for good replaces the committed tag (never both)
+    for _ in range(5):
+        c = st.update(np.array([0.9, 0.1, 0.1, 0.1, 0.95]))
+    assert c[4] and not c[3]

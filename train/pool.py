@@ -2,7 +2,7 @@
 
 ``rtagger data pool`` scans audio sources and writes a manifest (split ``unlabelled``, no tags)
 with each recording's duration. By default the sources are the free game soundtracks Debian
-ships (``apt-get install wesnoth-1.16-music warzone2100-music ufoai-music``); any folder of
+ships (``apt-get install warzone2100-music ufoai-music``); any folder of
 audio (searched recursively), single audio file, or zip-format archive (``.zip``/``.pk3``)
 works too. ufoai keeps its Ogg files inside ``0music.pk3``: members are read straight from
 the archive and stored as ``zip://ARCHIVE!MEMBER`` references, so nothing is unpacked.
@@ -29,7 +29,7 @@ import numpy as np
 import typer
 
 from rtagger.audio import Resampler, load_audio
-from rtagger.errors import AudioError
+from rtagger.errors import AudioError, ConfigError
 from train.manifest import ManifestWriter, Track, parse_zip_ref, read_manifest, zip_ref
 
 log = logging.getLogger(__name__)
@@ -37,12 +37,24 @@ log = logging.getLogger(__name__)
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".aac",
                               ".aiff", ".aif"})
 ARCHIVE_EXTENSIONS = frozenset({".zip", ".pk3"})
-# Where each Debian package puts its music; globs so a newer wesnoth (1.18...) is found too.
+# Where each Debian package puts its music (globs, so a newer version's folder is found too).
 DEBIAN_SOURCES: dict[str, tuple[str, ...]] = {
-    "wesnoth-1.16-music": ("/usr/share/games/wesnoth/*/data/core/music",),
     "warzone2100-music": ("/usr/share/games/warzone2100/music",),
     "ufoai-music": ("/usr/share/games/ufoai/base/0music.pk3",),
 }
+# Packages kept for held-out evaluation of rtagger's models: never in a pool or training set.
+HELD_OUT_PACKAGES = frozenset({
+    "planetblupi-music-ogg", "planetblupi-music-midi", "nexuiz-music", "wesnoth-1.16-music",
+    "fretsonfire-songs-muldjord", "fretsonfire-songs-sectoid", "hyperrogue-music",
+    "musescore-general-soundfont", "musescore-general-soundfont-lossless",
+    "musescore-general-soundfont-small",
+})
+
+
+def installed_sources() -> list[str]:
+    """The Debian sources of :data:`DEBIAN_SOURCES` whose files are on this machine."""
+    return [name for name, pats in DEBIAN_SOURCES.items()
+            if any(any(Path("/").glob(pat.lstrip("/"))) for pat in pats)]
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,9 @@ def _expand_sources(sources: list[str | Path] | None) -> tuple[list[tuple[str, P
     found, missing = [], []
     for src in list(DEBIAN_SOURCES) if sources is None else sources:
         name = str(src)
+        if name in HELD_OUT_PACKAGES or name.startswith("musescore-general-soundfont"):
+            raise ConfigError(f"{name} is held out for evaluating rtagger's models; it must "
+                              f"not go into a training pool")
         if name in DEBIAN_SOURCES:
             hits = sorted(p for pat in DEBIAN_SOURCES[name]
                           for p in Path("/").glob(pat.lstrip("/")))
@@ -340,7 +355,7 @@ def register(app: typer.Typer) -> None:
         = Path("data/pool/manifest.jsonl"),
         source: Annotated[list[str] | None, typer.Option(
             "--source", "-s", help="Folder, audio file, .zip/.pk3 archive or Debian package "
-            "name; repeatable. Default: wesnoth-1.16-music, warzone2100-music, ufoai-music.")]
+            "name; repeatable. Default: warzone2100-music, ufoai-music.")]
         = None,
         resume: Annotated[bool, typer.Option(help="Keep existing records, add new files.")]
         = False,
@@ -350,7 +365,11 @@ def register(app: typer.Typer) -> None:
         """Build the unlabelled pool of real recordings (no tags) for semi-supervised training."""
         from rich.console import Console
 
-        report = build_pool_report(out, source or None, resume=resume, verify=verify)
+        try:
+            report = build_pool_report(out, source or None, resume=resume, verify=verify)
+        except ConfigError as e:
+            Console(stderr=True).print(f"error: {e}", markup=False, highlight=False)
+            raise typer.Exit(code=2) from None
         print_report(report, Console())
         if report.n_tracks == 0:
             raise typer.Exit(code=1)
