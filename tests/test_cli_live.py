@@ -19,9 +19,13 @@ def served():
     proc = subprocess.Popen([*RTAGGER, "serve", "--port", "0", *MODEL],
                             stderr=subprocess.PIPE, text=True)
     try:
-        line = proc.stderr.readline()
-        m = re.search(r"(ws://127\.0\.0\.1:\d+/)", line)
-        assert m, line
+        seen = []  # warnings (an engine fallback, say) may come before the address
+        for line in proc.stderr:
+            seen.append(line)
+            m = re.search(r"(ws://127\.0\.0\.1:\d+/)", line)
+            if m:
+                break
+        assert m, "".join(seen)
         yield m.group(1)
     finally:
         proc.terminate()
