@@ -2,9 +2,11 @@
 
 The safetensors header's metadata carries one JSON document (key ``rtagger``) with the
 architecture configs, the tag list and groups, audio/mel parameters, training recipe and
-metrics, package version, and the sha256 of the weights. :func:`load_model` rebuilds
-everything from the file alone and refuses files that are corrupt or do not match this
-code, naming what is wrong.
+metrics, package version, and two checksums: ``weights_sha256`` of the tensors (the weights'
+identity, quoted by model cards, export manifests and engine caches) and ``tags_sha256`` of
+the tag names in output order (an edited or reordered tag list would silently relabel every
+output). :func:`load_model` rebuilds everything from the file alone and refuses files that
+are corrupt or do not match this code, naming what is wrong.
 
 Model names: ``default`` is the model bundled in ``rtagger/models/``; ``untrained:SIZE``
 (``SIZE`` in teacher/student/debug) builds a randomly initialised model, flagged
@@ -17,6 +19,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -39,7 +42,7 @@ from rtagger.model import (
 from rtagger.vocab import tag_groups_v1, tags_v1
 
 FORMAT = "rtagger-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tags_sha256 (format 1 files load with a warning, tags unverified)
 DEFAULT_MODEL_FILE = "default.safetensors"
 UNTRAINED_PREFIX = "untrained:"
 
@@ -107,6 +110,7 @@ class TaggingModel:
             "metrics": self.metrics,
             "rtagger_version": _version(),
             "weights_sha256": self.weights_sha256,
+            "tags_sha256": tags_sha256(self.tags),
         }
 
 
@@ -118,6 +122,11 @@ def weights_sha256(state: dict[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def tags_sha256(tags: list[str]) -> str:
+    """Checksum of the tag names in output order (output ``i`` means ``tags[i]``)."""
+    return hashlib.sha256(json.dumps(list(tags)).encode()).hexdigest()
 
 
 def build_untrained(size: str, tags: list[str] | None = None, seed: int = 0,
@@ -153,6 +162,7 @@ def save_model(model: TaggingModel, path: str | Path) -> Path:
     os.close(fd)
     try:
         save_file(state, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a checkpoint is meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -170,7 +180,8 @@ def load_model(path_or_name: str | Path = "default", device: str = "cpu") -> Tag
 
     Raises :class:`CheckpointError` naming the problem: missing file, not a safetensors
     file, not an rtagger checkpoint, newer format, corrupted weights (checksum), missing or
-    unexpected tensors, mel parameters this code does not compute.
+    unexpected tensors, a tag list that is not the one saved with the weights (names or
+    order), mel parameters this code does not compute.
     """
     if isinstance(path_or_name, str) and path_or_name.startswith(UNTRAINED_PREFIX):
         size = path_or_name[len(UNTRAINED_PREFIX):]
@@ -219,6 +230,7 @@ def _load_file(path: Path, device: str) -> TaggingModel:
     if expected != actual:
         raise CheckpointError(name, f"weights are corrupted: sha256 {actual[:12]}... does "
                                     f"not match the recorded {str(expected)[:12]}...")
+    _check_tags(name, desc, version)
     mel_now = LogMel().params()
     if desc.get("mel") != mel_now:
         raise CheckpointError(name, f"mel parameters {desc.get('mel')} differ from this "
@@ -247,6 +259,23 @@ def _load_file(path: Path, device: str) -> TaggingModel:
     except ConfigError as e:
         raise CheckpointError(name, str(e)) from e
     return model.eval().to(device)
+
+
+def _check_tags(name: str, desc: dict, version: int) -> None:
+    tags = desc.get("tags")
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise CheckpointError(name, f"tags must be a list of names, got {tags!r:.80}")
+    expected = desc.get("tags_sha256")
+    if expected is None and version < 2:
+        warnings.warn(f"{name}: format {version} checkpoint has no tag-list checksum, so its "
+                      f"tag names and order are not verified; re-save it with this rtagger "
+                      f"(save_model(load_model(path), path)) to record one", stacklevel=4)
+        return
+    actual = tags_sha256(tags)
+    if expected != actual:
+        raise CheckpointError(name, f"the tag list was changed after saving: sha256 of the "
+                                    f"{len(tags)} tag names in order is {actual[:12]}..., "
+                                    f"the checkpoint recorded {str(expected)[:12]}...")
 
 
 def _load_part(module: torch.nn.Module, state: dict, prefix: str, name: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from rtagger.audio import WINDOW_SAMPLES
-from rtagger.checkpoint import build_untrained, load_model, save_model
+from rtagger.checkpoint import build_untrained, load_model, save_model, tags_sha256
 from rtagger.errors import CheckpointError
 
 
@@ -93,6 +94,10 @@ def _rewrite(path, edit):
     save_file(state, str(path), metadata=meta)
 
 
+def test_a_saved_checkpoint_is_readable_by_others(ckpt):
+    assert ckpt.stat().st_mode & 0o044 == 0o044  # not the owner-only mode of a temp file
+
+
 def test_newer_format_version(ckpt):
     _rewrite(ckpt, lambda d, s: d.update(format_version=99))
     with pytest.raises(CheckpointError, match="newer than this rtagger supports"):
@@ -119,9 +124,78 @@ def test_architecture_that_does_not_match_the_weights(ckpt):
 
 
 def test_tag_count_mismatch(ckpt):
-    _rewrite(ckpt, lambda d, s: d.update(tags=d["tags"][:-1]))
+    def edit(desc, state):  # a consistent but short tag list: caught by the output count
+        desc["tags"] = desc["tags"][:-1]
+        desc["tags_sha256"] = tags_sha256(desc["tags"])
+
+    _rewrite(ckpt, edit)
     with pytest.raises(CheckpointError, match="35 tags for a model with 36 outputs"):
         load_model(ckpt)
+
+
+def _renamed(desc):
+    desc["tags"][0] = "renamed"
+
+
+def _swapped(desc):
+    desc["tags"][0], desc["tags"][1] = desc["tags"][1], desc["tags"][0]
+
+
+@pytest.mark.parametrize("edit", [_renamed, _swapped], ids=["renamed", "reordered"])
+def test_an_edited_tag_list_fails_its_checksum(ckpt, edit):
+    before = load_model(ckpt).weights_sha256
+    _rewrite(ckpt, lambda d, s: edit(d))  # weights untouched: weights_sha256 still matches
+    with pytest.raises(CheckpointError, match=r"m\.safetensors.*tag list was changed after "
+                                              r"saving: sha256 of the 36 tag names"):
+        load_model(ckpt)
+    _rewrite(ckpt, lambda d, s: d.update(tags_sha256=tags_sha256(d["tags"])))
+    assert load_model(ckpt).weights_sha256 == before  # the weights' identity is unchanged
+
+
+def test_a_format_2_checkpoint_without_tag_checksum_is_refused(ckpt):
+    _rewrite(ckpt, lambda d, s: d.update(tags_sha256=None))
+    with pytest.raises(CheckpointError, match="tag list was changed"):
+        load_model(ckpt)
+
+
+def test_a_format_1_checkpoint_loads_with_a_warning_that_its_tags_are_unverified(ckpt):
+    _rewrite(ckpt, lambda d, s: d.update(format_version=1, tags_sha256=None))
+    with pytest.warns(UserWarning, match="no tag-list checksum"):
+        model = load_model(ckpt)
+    assert len(model.tags) == 36
+    save_model(model, ckpt)  # re-saving records the checksum
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_model(ckpt).describe()["tags_sha256"] == tags_sha256(model.tags)
+
+
+def test_the_bundled_default_verifies_its_tags_and_holds_no_absolute_paths():
+    from safetensors import safe_open
+
+    from rtagger.checkpoint import bundled_model_path
+
+    path = bundled_model_path()
+    assert path is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # format 2: nothing left unverified
+        model = load_model("default")
+    with safe_open(str(path), "pt") as f:
+        desc = json.loads(f.metadata()["rtagger"])
+    assert desc["format_version"] == 2 and desc["tags_sha256"] == tags_sha256(model.tags)
+    strings = []
+
+    def walk(v):
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+        elif isinstance(v, str):
+            strings.append(v)
+
+    walk(desc)
+    assert strings and not [s for s in strings if s.startswith("/") or s[1:3] == ":\\"]
 
 
 def test_default_model_error_is_explicit_when_none_is_bundled(monkeypatch):

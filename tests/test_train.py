@@ -217,3 +217,106 @@ def test_every_shipped_recipe_and_pipeline_loads():
         for step in load_pipeline(p):
             if step["run"] == "train":
                 load_recipe(step["recipe"], step["set"])
+
+
+def _pipeline(tmp_path, step: str, top: str = "") -> object:
+    (tmp_path / "r.toml").write_text('name = "r"\n')
+    p = tmp_path / "p.toml"
+    p.write_text(f"{top}\n[[steps]]\n{step}\n")
+    return p
+
+
+@pytest.mark.parametrize(("step", "key", "kind"), [
+    ('name = "t"\nrun = "train"\nrecipe = "r.toml"\nout = "o"\nsets = ["optim.lr=1"]',
+     "sets", "train"),
+    ('name = "s"\nrun = "synth"\nsplit = "train"\nsongs = 2\nout = "o"\nmax_second = 9.0',
+     "max_second", "synth"),
+    ('name = "p"\nrun = "pseudo"\nteacher = "t"\nmanifests = []\nout = "o"\nhop = 1.0',
+     "hop", "pseudo"),
+    ('name = "e"\nrun = "evaluate"\nmodel = "m"\nmanifest = "x"\nout = "o"\ncahce = "c"',
+     "cahce", "evaluate"),
+])
+def test_an_unknown_pipeline_step_key_names_the_key_the_step_and_the_allowed_keys(
+        tmp_path, step, key, kind):
+    from train.pipeline import STEP_KEYS, load_pipeline
+
+    p = _pipeline(tmp_path, step)
+    with pytest.raises(ConfigError) as e:
+        load_pipeline(p)
+    msg = str(e.value)
+    assert f"unknown keys ['{key}']" in msg and f"(run = '{kind}')" in msg
+    assert "step '" in msg and str(p) in msg
+    required, optional = STEP_KEYS[kind]
+    assert all(k in msg.split("allowed:")[1] for k in required | optional)
+
+
+def test_pipeline_top_level_nested_and_required_keys_are_checked(tmp_path):
+    from train.pipeline import load_pipeline
+
+    ok = 'name = "t"\nrun = "train"\nrecipe = "r.toml"\nout = "o"'
+    with pytest.raises(ConfigError, match=r"unknown keys \['sett'\]; allowed: \['set', 'steps'\]"):
+        load_pipeline(_pipeline(tmp_path, ok, top='sett = ["optim.lr=1"]'))
+    with pytest.raises(ConfigError, match=r"step 't' \(run = 'train'\): missing required keys "
+                                          r"\['out'\]"):
+        load_pipeline(_pipeline(tmp_path, 'name = "t"\nrun = "train"\nrecipe = "r.toml"'))
+    pseudo = ('name = "p"\nrun = "pseudo"\nteacher = "t"\nmanifests = []\nout = "o"\n'
+              'exclude_labelled = { manifest = "m", fraction = 0.5, sed = 1 }')
+    with pytest.raises(ConfigError, match=r"exclude_labelled: unknown keys \['sed'\]; allowed: "
+                                          r"\['fraction', 'manifest', 'seed'\]"):
+        load_pipeline(_pipeline(tmp_path, pseudo))
+    # a typo in a train step's overrides is found when the pipeline is read, not hours later
+    with pytest.raises(ConfigError, match=r"unknown keys \['lrr'\]"):
+        load_pipeline(_pipeline(tmp_path, ok + '\nset = ["optim.lrr=1"]'))
+    with pytest.raises(ConfigError, match=r"unknown \[augment\] keys: pitch_pp \(did you mean "
+                                          r"pitch_p\?\)"):
+        load_pipeline(_pipeline(tmp_path, ok, top='set = ["augment.pitch_pp=0.0"]'))
+    steps = load_pipeline(_pipeline(tmp_path, ok, top='set = ["optim.lr=0.01"]'))
+    assert steps[0]["set"] == ["optim.lr=0.01"] and steps[0]["out"] == "o"
+
+
+def test_recipe_typos_in_arch_augment_and_top_level_keys_are_errors(tmp_path):
+    p = tmp_path / "r.toml"
+    p.write_text('name = "x"\n[model.arch]\nd_modle = 64\n')
+    with pytest.raises(ConfigError, match=r"\[model\.arch\]: unknown keys \['d_modle'\] for the "
+                                          r"tagger.*allowed: \[.*'d_model'"):
+        load_recipe(p)
+    p.write_text('name = "x"\nstage = "aggregator"\n[model.arch]\npooling = "cls"\n')
+    with pytest.raises(ConfigError, match=r"unknown keys \['pooling'\] for the aggregator stage"):
+        load_recipe(p)  # a tagger field is not an aggregator field
+    p.write_text('name = "x"\n[augment]\nenabled = false\nnoise_pp = 0.5\n')
+    with pytest.raises(ConfigError, match=r"r\.toml: unknown \[augment\] keys: noise_pp"):
+        load_recipe(p)  # checked even when augmentation is off
+    p.write_text('name = "x"\nsede = 1\n')
+    with pytest.raises(ConfigError, match=r"unknown keys or sections \['sede'\]; allowed: "
+                                          r"\['aggregator', 'augment', 'base'"):
+        load_recipe(p)
+    p.write_text('name = "x"\n[optim]\nlr = 0.1\n[model.arch]\nd_model = 64\n')
+    assert load_recipe(p).model.arch == {"d_model": 64}
+
+
+def test_a_checkpoint_records_the_recipe_without_this_machines_folders(toy, tmp_path):
+    from dataclasses import replace
+    from pathlib import Path
+
+    from train.recipe import portable_source
+
+    shipped = Path(__file__).resolve().parent.parent / "train" / "recipes" / "teacher.toml"
+    assert portable_source(str(shipped)) == "train/recipes/teacher.toml"
+    assert portable_source("train/recipes/teacher.toml") == "train/recipes/teacher.toml"
+    r = replace(_recipe(toy, optim={"max_steps": 1}, eval={"every_steps": 1}),
+                source=str(tmp_path / "mine.toml"))  # as when read from an absolute path
+    model = load_model(train(TaggerTask(r), r, tmp_path / "run", progress=False))
+    assert model.recipe["source"] == "mine.toml"
+
+
+def test_the_same_recipe_starts_from_the_same_weights_in_any_process(toy):
+    # torch seeds itself randomly per process; the initial weights must come from the recipe
+    r = _recipe(toy)
+    a = TaggerTask(r).model.state_dict()
+    torch.manual_seed(12345)  # another global RNG state, as in another process
+    state = torch.random.get_rng_state()
+    b = TaggerTask(r).model.state_dict()
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global stream is untouched
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = TaggerTask(_recipe(toy, seed=1)).model.state_dict()
+    assert not all(torch.equal(a[k], c[k]) for k in a)

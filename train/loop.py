@@ -9,6 +9,11 @@ checkpoint kept, and DistributedDataParallel when launched with ``torchrun``.
 Resumable: ``last.pt`` (model, optimizer, schedule, step, RNG states, early-stopping state)
 is written atomically at every evaluation; a killed run started again with the same recipe
 continues from it and draws the same batches it would have drawn.
+
+Under DDP every rank has its own random streams (batch sampling, augmentation noise, dropout),
+seeded from ``(recipe.seed, rank)``. Rank 0 gathers all ranks' states into ``last.pt``, so a
+resumed rank continues its own streams; a resume with another world size restarts the
+streams from ``(recipe.seed, rank, step)`` and says so.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from torch import nn
 from rtagger.checkpoint import TaggingModel, save_model
 from rtagger.errors import ConfigError
 from train.progress import Bar
-from train.recipe import Recipe
+from train.recipe import Recipe, portable_source
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,8 @@ def init_distributed() -> DistInfo:
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return DistInfo()
     if not dist.is_initialized():
+        if torch.cuda.is_available():  # NCCL collectives (gather_object too) use this device
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
@@ -124,14 +131,12 @@ def train(task: Task, recipe: Recipe, out_dir: str | Path, *, progress: bool = T
                             weight_decay=recipe.optim.weight_decay)
     amp = recipe.optim.amp and dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    # Each rank draws different batches; rank 0 alone evaluates and writes.
-    rng = np.random.default_rng([recipe.seed, info.rank])
-    gen = torch.Generator(device=dev).manual_seed(recipe.seed * 1000 + info.rank)
-    torch.manual_seed(recipe.seed)
+    # Each rank draws different batches and noise; rank 0 alone evaluates and writes.
+    rng, gen = _seed_streams(recipe.seed, info.rank, dev)
     state = TrainState()
     last = out / "last.pt"
     if last.exists():
-        state, rng = _resume(last, recipe, model, opt, scaler, gen)
+        state, rng, gen = _resume(last, recipe, model, opt, scaler, info, dev)
         log.info("resumed %s at step %d", recipe.name, state.step)
     ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if
                                                dev.type == "cuda" else None)
@@ -172,8 +177,9 @@ def train(task: Task, recipe: Recipe, out_dir: str | Path, *, progress: bool = T
                                       {"train_windows_per_s": round(rate, 2),
                                        "device": str(dev), "world": info.world})
             t_eval, seen_eval = time.perf_counter(), 0
+            streams = _gather(_rng_state(rng, gen, dev), info)  # a collective: every rank
             if info.main:
-                atomic_torch_save(_snapshot(recipe, model, opt, scaler, gen, rng, state), last)
+                atomic_torch_save(_snapshot(recipe, model, opt, scaler, streams, state), last)
             if info.world > 1:  # every rank stops together
                 flag = torch.tensor([int(state.stopped)], device=dev)
                 dist.broadcast(flag, 0)
@@ -203,7 +209,7 @@ def _evaluate(task: Task, model: nn.Module, recipe: Recipe, state: TrainState, o
     if value > state.best:
         state.best, state.best_step, state.bad_evals = value, state.step, 0
         export = task.export(model, {**metrics, "step": state.step})
-        export.recipe = recipe.to_dict()
+        export.recipe = {**recipe.to_dict(), "source": portable_source(recipe.source)}
         save_model(export, out / "best.safetensors")
     else:
         state.bad_evals += 1
@@ -213,20 +219,54 @@ def _evaluate(task: Task, model: nn.Module, recipe: Recipe, state: TrainState, o
     return state.bad_evals >= recipe.eval.patience
 
 
-def _snapshot(recipe, model, opt, scaler, gen, rng, state: TrainState) -> dict:
+def _seed_streams(seed: int, rank: int, dev: torch.device,
+                  step: int | None = None) -> tuple[np.random.Generator, torch.Generator]:
+    """This rank's batch sampler and noise generator, and the global torch seed (dropout).
+
+    Rank 0 of a fresh run is seeded exactly as a single-process run.
+    """
+    key = [seed, rank] if step is None else [seed, rank, step]
+    rng = np.random.default_rng(key)
+    if step is None:
+        gen_seed, global_seed = seed * 1000 + rank, seed + 10_000 * rank
+    else:
+        gen_seed, global_seed = (int(x) for x in np.random.SeedSequence(key).generate_state(2))
+    gen = torch.Generator(device=dev).manual_seed(gen_seed)
+    torch.manual_seed(global_seed)
+    return rng, gen
+
+
+def _rng_state(rng: np.random.Generator, gen: torch.Generator, dev: torch.device) -> dict:
+    """One rank's random streams: batch sampling, noise generator, global CPU/CUDA RNG."""
+    state = {"numpy_rng": rng.bit_generator.state, "gen": gen.get_state(),
+             "torch_rng": torch.random.get_rng_state()}
+    if dev.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(dev)
+    return state
+
+
+def _gather(state: dict, info: DistInfo) -> list[dict] | None:
+    """Every rank's ``state`` on rank 0, in rank order (None on the other ranks)."""
+    if info.world == 1:
+        return [state]
+    everyone = [None] * info.world if info.main else None
+    dist.gather_object(state, everyone, dst=0)
+    return everyone
+
+
+def _snapshot(recipe, model, opt, scaler, streams: list[dict], state: TrainState) -> dict:
     return {
         "recipe_digest": recipe.digest(),
         "model": model.state_dict(),
         "optimizer": opt.state_dict(),
         "scaler": scaler.state_dict(),
-        "torch_rng": torch.random.get_rng_state(),
-        "gen": gen.get_state(),
-        "numpy_rng": rng.bit_generator.state,
+        "rng": streams,  # one entry per rank
         "state": state.__dict__,
     }
 
 
-def _resume(path: Path, recipe: Recipe, model, opt, scaler, gen):
+def _resume(path: Path, recipe: Recipe, model, opt, scaler, info: DistInfo,
+            dev: torch.device) -> tuple[TrainState, np.random.Generator, torch.Generator]:
     snap = torch.load(path, map_location="cpu", weights_only=False)
     if snap["recipe_digest"] != recipe.digest():
         raise ConfigError(f"{path} belongs to another recipe (digest {snap['recipe_digest']} "
@@ -234,8 +274,21 @@ def _resume(path: Path, recipe: Recipe, model, opt, scaler, gen):
     model.load_state_dict(snap["model"])
     opt.load_state_dict(snap["optimizer"])
     scaler.load_state_dict(snap["scaler"])
-    torch.random.set_rng_state(snap["torch_rng"])
-    gen.set_state(snap["gen"])
+    state = TrainState(**snap["state"])
+    # Snapshots written before per-rank streams hold one set of states, at the top level.
+    streams = snap.get("rng") or [{k: snap[k] for k in ("numpy_rng", "gen", "torch_rng")}]
+    if len(streams) != info.world:
+        log.warning("%s was written by %d ranks, this run has %d: every rank's random "
+                    "streams restart from (seed, rank, step %d), so batches differ from an "
+                    "uninterrupted run", path, len(streams), info.world, state.step)
+        rng, gen = _seed_streams(recipe.seed, info.rank, dev, state.step)
+        return state, rng, gen
+    own = streams[info.rank]
     rng = np.random.default_rng()
-    rng.bit_generator.state = snap["numpy_rng"]
-    return TrainState(**snap["state"]), rng
+    rng.bit_generator.state = own["numpy_rng"]
+    gen = torch.Generator(device=dev)
+    gen.set_state(own["gen"])
+    torch.random.set_rng_state(own["torch_rng"])
+    if dev.type == "cuda" and "cuda_rng" in own:
+        torch.cuda.set_rng_state(own["cuda_rng"], dev)
+    return state, rng, gen

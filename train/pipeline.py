@@ -20,6 +20,10 @@ Step kinds (``[[steps]]`` tables, each with a ``name`` and ``run``):
 A top-level ``set = [...]`` applies recipe overrides to every train step (the debug pipeline
 shrinks the real recipes this way). Relative paths resolve against ``--root`` (default: the
 working directory), except recipe files, which resolve against the pipeline file's folder.
+
+Keys are checked when the file is read: an unknown key (a typo would otherwise become a
+default) or a missing required one is a :class:`ConfigError` naming the step and the keys
+that step kind accepts.
 """
 
 from __future__ import annotations
@@ -33,14 +37,41 @@ from rtagger.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-STEP_KINDS = ("synth", "pool", "cache", "train", "pseudo", "evaluate")
+# Per step kind: (required keys, optional keys), besides ``name`` and ``run``.
+STEP_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "synth": (frozenset({"split", "songs", "out"}),
+              frozenset({"seed", "jobs", "min_seconds", "max_seconds"})),
+    "pool": (frozenset({"out"}), frozenset({"sources"})),
+    "cache": (frozenset({"manifests", "out"}), frozenset({"jobs"})),
+    "train": (frozenset({"recipe", "out"}), frozenset({"set"})),
+    "pseudo": (frozenset({"teacher", "manifests", "out"}),
+               frozenset({"cache", "hop_s", "exclude_labelled"})),
+    "evaluate": (frozenset({"model", "manifest", "out"}), frozenset({"cache", "hop_s"})),
+}
+STEP_KINDS = tuple(STEP_KEYS)
+TOP_KEYS = frozenset({"steps", "set"})
+EXCLUDE_KEYS = (frozenset({"manifest", "fraction"}), frozenset({"seed"}))
+
+
+def _check_keys(table: dict, keys: tuple[frozenset[str], frozenset[str]], where: str) -> None:
+    """ConfigError naming unknown or missing keys and the allowed ones."""
+    required, optional = keys
+    allowed = sorted(required | optional)
+    unknown = sorted(set(table) - required - optional)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; allowed: {allowed}")
+    missing = sorted(required - set(table))
+    if missing:
+        raise ConfigError(f"{where}: missing required keys {missing}; allowed: {allowed}")
 
 
 def load_pipeline(path: str | Path) -> list[dict]:
-    from train.recipe import read_toml
+    """The steps of a pipeline file, checked: kinds, unique names, keys of every step."""
+    from train.recipe import load_recipe, read_toml
 
     path = Path(path)
     raw = read_toml(path, "pipeline")
+    _check_keys(raw, (frozenset(), TOP_KEYS), f"pipeline {path}")
     steps = raw.get("steps", [])
     common = list(raw.get("set", []))  # overrides for every train step (e.g. debug sizes)
     names = set()
@@ -51,9 +82,20 @@ def load_pipeline(path: str | Path) -> list[dict]:
         if not name or name in names:
             raise ConfigError(f"{path} step {i}: every step needs a unique name")
         names.add(name)
+        required, optional = STEP_KEYS[kind]
+        where = f"pipeline {path} step {name!r} (run = {kind!r})"
+        _check_keys(step, (required | {"name", "run"}, optional), where)
+        if kind == "pseudo" and "exclude_labelled" in step:
+            ex = step["exclude_labelled"]
+            if not isinstance(ex, dict):
+                raise ConfigError(f"{where}: exclude_labelled must be a table "
+                                  f"{{manifest, fraction, seed}}")
+            _check_keys(ex, EXCLUDE_KEYS, f"{where} exclude_labelled")
         if kind == "train":
             step["recipe"] = str((path.parent / step["recipe"]).resolve())
             step["set"] = common + list(step.get("set", []))
+            # Read now, so a typo in a recipe or an override fails before hours of earlier steps.
+            load_recipe(step["recipe"], step["set"])
     return steps
 
 

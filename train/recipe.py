@@ -101,22 +101,32 @@ def _section(cls, raw: dict, where: str):
     known = {f.name: f for f in fields(cls)}
     unknown = set(raw) - set(known)
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
     if "arch" in kw:
         kw["arch"] = dict(kw["arch"])
     return cls(**kw)
 
 
+_TOP_KEYS = ("name", "stage", "seed")
+
+
 def recipe_from_dict(raw: dict, source: str = "<dict>") -> Recipe:
+    """A checked :class:`Recipe`: unknown keys anywhere (sections, ``[model.arch]``,
+    ``[augment]``) are a :class:`ConfigError` naming the key and the allowed ones."""
     raw = dict(raw)
-    top = {k: raw.pop(k) for k in ("name", "stage", "seed") if k in raw}
+    top = {k: raw.pop(k) for k in _TOP_KEYS if k in raw}
     augment = raw.pop("augment", {})
+    for key, value in raw.items():
+        if key in _SECTIONS and not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{key}] must be a table, got {value!r:.40}")
     sections = {}
     for key, cls in _SECTIONS.items():
         sections[key] = _section(cls, raw.pop(key, {}), f"{source} [{key}]")
     if raw:
-        raise ConfigError(f"{source}: unknown sections {sorted(raw)}")
+        allowed = sorted({*_TOP_KEYS, "base", "augment", *_SECTIONS})
+        raise ConfigError(f"{source}: unknown keys or sections {sorted(raw)}; "
+                          f"allowed: {allowed}")
     if "name" not in top:
         raise ConfigError(f"{source}: a recipe needs a name")
     recipe = Recipe(**top, **sections, augment=augment, source=source)
@@ -138,6 +148,50 @@ def validate(r: Recipe) -> None:
         raise ConfigError(f"{where}: batch_size, max_steps and lr must be positive")
     if r.eval.every_steps < 1 or r.eval.patience < 1:
         raise ConfigError(f"{where}: eval.every_steps and eval.patience must be >= 1")
+    _validate_arch(r, where)
+    from train.augment import AugmentConfig  # torch-heavy; recipes are read to train anyway
+
+    table = dict(r.augment)
+    if not isinstance(table.pop("enabled", True), bool):  # read by train.tasks._augmenters
+        raise ConfigError(f"{where}: augment.enabled must be true or false")
+    try:
+        AugmentConfig.from_dict(table)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+# Set by the training task itself (from the recipe, the tag list or the frozen tagger).
+_ARCH_FIXED = {"tagger": {"n_tags", "dropout", "drop_path"},
+               "aggregator": {"n_tags", "d_in", "dropout", "max_windows"}}
+
+
+def _validate_arch(r: Recipe, where: str) -> None:
+    from rtagger.model import AggregatorConfig, TaggerConfig
+
+    cls = TaggerConfig if r.stage == "tagger" else AggregatorConfig
+    allowed = sorted({f.name for f in fields(cls)} - _ARCH_FIXED[r.stage])
+    unknown = sorted(set(r.model.arch) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where} [model.arch]: unknown keys {unknown} for the {r.stage} "
+                          f"stage (set elsewhere or not a {cls.__name__} field); "
+                          f"allowed: {allowed}")
+
+
+def portable_source(source: str) -> str:
+    """``source`` without this machine's folders, for checkpoints that travel.
+
+    A recipe inside the repository (or the installed package) becomes its path from there
+    (``train/recipes/teacher.toml``); a relative path stays; any other absolute path is
+    reduced to the file's name.
+    """
+    p = Path(source)
+    if not p.is_absolute():
+        return source
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return p.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return p.name
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -71,6 +71,17 @@ def macro_roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     return float(np.mean([roc_auc_score(y_true[:, j], y_score[:, j]) for j in cols]))
 
 
+def _seeded(seed: int, build):
+    """``build()`` with torch's global CPU RNG seeded from the recipe, then restored.
+
+    torch seeds itself randomly per process, so without this the same recipe would start
+    from other weights in every run (and a DDP run's rank 0 would broadcast them).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -103,8 +114,8 @@ class TaggerTask:
         self.valid = EvalWindows(read_manifest(d.valid), self.cache, self.tags,
                                  d.valid_windows_per_song)
         m = recipe.model
-        self.model = ChunkTagger(tagger_config(m.size, len(self.tags), dropout=m.dropout,
-                                               drop_path=m.drop_path, **m.arch))
+        self.model = _seeded(recipe.seed, lambda: ChunkTagger(tagger_config(
+            m.size, len(self.tags), dropout=m.dropout, drop_path=m.drop_path, **m.arch)))
         if m.init:
             self._warm_start(m.init)
         self.augment, self.spec_mask = _augmenters(recipe)
@@ -212,7 +223,7 @@ class AggregatorTask:
         cfg = aggregator_config(recipe.model.size, len(self.tags),
                                 self.base.tagger.cfg.d_model, dropout=recipe.model.dropout,
                                 max_windows=a.max_windows, **recipe.model.arch)
-        self.model = ContextAggregator(cfg)
+        self.model = _seeded(recipe.seed, lambda: ContextAggregator(cfg))
         if cfg.mean_skip:  # start from mean-pooled window logits: the tagger's own head
             self.model.skip.load_state_dict(self.base.tagger.head.state_dict())
 
