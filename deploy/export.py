@@ -231,7 +231,8 @@ def load_exported(folder: str | Path, device: str = "cpu", **engine_options):
 
     ``engine_options`` go to the engine (``threads`` for ONNX, ``cache_dir`` for TensorRT).
     A TensorRT folder compiled for another GPU or TensorRT version is recompiled into the
-    TensorRT cache (logged); the folder itself is never written.
+    TensorRT cache (logged); the folder itself is never written. If that build fails, the
+    engine is torch on the folder's checkpoint, with the reason in ``fallback_reason``.
     """
     manifest = read_manifest(folder)
     return _engine_for(Path(folder), manifest, device, **engine_options), manifest
@@ -249,13 +250,14 @@ def _engine_for(folder: Path, manifest: dict, device: str, **options):
         if options:
             raise ConfigError(f"exported-program engines take no options, got {sorted(options)}")
         return ExportedProgramEngine(folder / manifest["file"], device)
-    from rtagger.engines.tensorrt_engine import TensorRTEngine
+    from rtagger.engines import create_engine
 
     trt = manifest["tensorrt"]
     model = load_model(folder / manifest["checkpoint"])
-    return TensorRTEngine(model, device, precision=trt["precision"],
-                          max_batch=trt["max_batch"], opt_batch=trt["opt_batch"],
-                          search_dirs=(folder,), **options)
+    # Through create_engine: a TensorRT build that fails here falls back to torch, reported.
+    return create_engine(model, "tensorrt", device, precision=trt["precision"],
+                         max_batch=trt["max_batch"], opt_batch=trt["opt_batch"],
+                         search_dirs=(folder,), **options)
 
 
 # --- command line -------------------------------------------------------------------------

@@ -202,7 +202,8 @@ def bench_streams(model: str, *, streams: int, hop_s: float = DEFAULT_LIVE_HOP_S
     ``url``, uses a server already running, e.g. on another host so that the clients do not
     share its cores) and plays ``streams`` clients paced to the wall clock (see
     :mod:`rtagger.streambench`): client-side capture-to-update latency, server latency,
-    dropped windows and lag growth.
+    dropped windows and lag growth, the clients' own CPU share and, for a server started
+    here, its CPU-seconds per stream-second and the capacity that implies.
     """
     from rtagger.streambench import run_stream_bench
 
@@ -292,6 +293,11 @@ def run_bench(settings: BenchSettings,
         except RtaggerError as e:
             report["engines"][name] = {"available": False, "reason": str(e)}
             continue
+        if engine.name != name:  # a TensorRT build that failed: never time torch as it
+            report["engines"][name] = {"available": False, "reason": engine.fallback_reason}
+            del engine
+            gc.collect()
+            continue
         report["engines"][name] = {"available": True, "setup_s": round(time.perf_counter()
                                                                        - t0, 2),
                                    **engine.describe()}
@@ -357,7 +363,22 @@ def results_table(report: dict):
         stream.add_row(str(c["p50"]), str(c["p99"]), str(sv["p99"]),
                        f"{st['updates']}/{st['expected_updates']}", str(st["dropped_windows"]),
                        str(st["lag_s"]["growth_s_per_s"]), str(len(st["errors"])))
-        parts.append(stream)
+        cost = Table(title="streaming CPU (cores = CPU-s per wall s)")
+        for col in ("client cores", "server cores", "busiest server thread",
+                    "server CPU-s per stream-s", "capacity (streams)"):
+            cost.add_column(col, justify="right")
+        per_stream = st.get("server_cpu_s_per_stream_s")
+        threads = st.get("server_busiest_threads_share") or {}
+        cost.add_row(f"{st['client_cpu_share']:.2f}",
+                     "-" if st.get("server_cpu_share") is None
+                     else f"{st['server_cpu_share']:.2f}",
+                     f"{max(threads.values()):.2f}" if threads else "-",
+                     "-" if per_stream is None else f"{per_stream:.4f}",
+                     "-" if st.get("capacity_streams") is None
+                     else f"{st['capacity_streams']:.0f} on {st['cores']} cores")
+        parts += [stream, cost]
+        notes.append("client cores: the bench's own clients, which share the machine with a "
+                     "server started here; capacity = cores / server CPU-s per stream-s")
     return Group(*parts, *notes)
 
 

@@ -32,8 +32,10 @@ class OutputFormat(str, Enum):
 
 
 ENGINE_OPTION = typer.Option(
-    "auto", "--engine", help="torch, onnx, tensorrt, or auto (the best available; a "
-    "fallback is reported).")
+    "auto", "--engine", help="torch, onnx, tensorrt, or auto: the measured engine (onnx on "
+    "CPU, torch on CUDA; never TensorRT until a GPU run measured it). A TensorRT build "
+    "failure falls back to torch, reported. With an export folder as --model only auto or "
+    "the folder's own engine is accepted (DIR/checkpoint.safetensors runs with any).")
 
 
 class Aggregation(str, Enum):

@@ -404,7 +404,9 @@ class TagServer:
     def _model_info(self) -> dict:
         m = self.model
         return {"name": m.name, "trained": m.trained, "weights_sha256": m.weights_sha256,
-                "engine": self.worker.engine.name, "aggregation":
+                "engine": self.worker.engine.name,
+                "engine_fallback": getattr(self.worker.engine, "fallback_reason", None),
+                "aggregation":
                 "aggregator" if self.worker.aggregator is not None else "mean"}
 
 

@@ -70,16 +70,21 @@ class TrackResult:
 class Tagger:
     """Tags files, arrays and streams with one model.
 
-    ``hop_s`` is the time between window starts (default: one window, no overlap);
-    ``aggregation`` is ``auto`` (the model's aggregator when it has one, else mean), ``mean``
-    or ``aggregator``.
+    ``engine`` is an engine name (see :func:`~rtagger.engines.create_engine`) or a built
+    engine; None means ``torch`` for a checkpoint. An export folder (``rtagger export``)
+    runs its own artefact: ``engine`` must then be None, ``auto`` or the artefact's engine
+    (``onnx``, ``exported-program``, ``tensorrt``); any other name is a
+    :class:`~rtagger.errors.ConfigError` that names the checkpoint inside the folder, which
+    runs with any engine. ``hop_s`` is the time between window starts (default: one window,
+    no overlap); ``aggregation`` is ``auto`` (the model's aggregator when it has one, else
+    mean), ``mean`` or ``aggregator``.
     """
 
     def __init__(
         self,
         model: str | Path | TaggingModel = "default",
         *,
-        engine: str | Engine = "torch",
+        engine: str | Engine | None = None,
         device: str = "cpu",
         hop_s: float | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
@@ -87,13 +92,15 @@ class Tagger:
     ) -> None:
         if isinstance(model, str | Path) and _is_export_dir(model):
             # A deployed artefact (rtagger export): its own graph is the engine.
-            from deploy.export import load_exported, load_exported_model
+            from deploy.export import load_exported_model
 
             self.model = load_exported_model(model)
-            self.engine = engine if not isinstance(engine, str) else load_exported(model,
-                                                                                   device)[0]
+            self.engine = (engine if engine is not None and not isinstance(engine, str)
+                           else _export_engine(Path(model), engine, device))
         else:
             self.model = model if isinstance(model, TaggingModel) else load_model(model)
+            if engine is None:
+                engine = "torch"
             self.engine = (engine if not isinstance(engine, str)
                            else create_engine(self.model, engine, device))
         self.hop = WINDOW_SAMPLES if hop_s is None else round(hop_s * SAMPLE_RATE)
@@ -198,6 +205,19 @@ class Tagger:
         if reason:
             info["engine_fallback"] = reason  # reported, never silent
         return info
+
+
+def _export_engine(folder: Path, engine: str | None, device: str) -> Engine:
+    """The engine of export ``folder``; refuses an ``engine`` the folder does not hold."""
+    from deploy.export import CHECKPOINT, load_exported, read_manifest
+
+    artifact = read_manifest(folder)["artifact"]
+    if engine not in (None, "auto", artifact):
+        raise ConfigError(f"{folder} is an {artifact} export: it runs its own {artifact} "
+                          f"graph, so engine {engine!r} cannot apply; use engine auto (or "
+                          f"{artifact}), or pass the checkpoint inside it "
+                          f"({folder / CHECKPOINT}) to run engine {engine!r}")
+    return load_exported(folder, device)[0]
 
 
 def _is_export_dir(path: str | Path) -> bool:

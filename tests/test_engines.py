@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 import torch
 from conftest import music_like
 
+from rtagger import engines as engines_module
 from rtagger.audio import WINDOW_SAMPLES
-from rtagger.engines import available_engines, create_engine, unavailable_reason
+from rtagger.engines import AUTO_ORDER, available_engines, create_engine, unavailable_reason
 from rtagger.errors import ConfigError, EngineUnavailable
 
 # Max |difference| to eager torch fp32 (CPU) on music-like and noise windows. Measured:
@@ -90,8 +93,13 @@ def test_auto_on_a_missing_gpu_falls_back_and_says_why(debug_model, windows, cap
     assert "fell back" in caplog.text
     assert engine.describe()["fallback_reason"] == engine.fallback_reason
     assert engine.run(windows[:2])[0].shape[0] == 2
-    # Asked for the CPU, auto takes the first choice there: nothing to report.
-    assert create_engine(debug_model, "auto", "cpu").fallback_reason is None
+    # Asked for the CPU, auto takes its first choice there when it can: nothing to report
+    # (without onnxruntime, the fallback to torch is reported instead).
+    on_cpu = create_engine(debug_model, "auto", "cpu")
+    if unavailable_reason("onnx", "cpu") is None:
+        assert on_cpu.name == "onnx" and on_cpu.fallback_reason is None
+    else:
+        assert on_cpu.name == "torch" and "onnxruntime" in on_cpu.fallback_reason
 
 
 def test_auto_without_onnxruntime_falls_back_to_torch(debug_model, monkeypatch):
@@ -103,6 +111,96 @@ def test_auto_without_onnxruntime_falls_back_to_torch(debug_model, monkeypatch):
     engine = create_engine(debug_model, "auto", "cpu", threads=torch.get_num_threads())
     assert engine.name == "torch"
     assert "onnxruntime is not installed" in engine.fallback_reason
+
+
+def pretend_tensorrt_fails(monkeypatch, error: Exception, cache_dir) -> None:
+    """Make TensorRT look installed for any device, with a compile that raises ``error``.
+
+    TensorRT cannot be installed here; this runs the real TensorRTEngine constructor up to
+    the compile (no engine in ``cache_dir``), as on a GPU whose compile fails.
+    """
+    from rtagger.engines import tensorrt_engine as trt
+
+    monkeypatch.setattr(trt, "tensorrt_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(trt, "_torch_tensorrt", lambda: types.SimpleNamespace(
+        __version__="0.0-test"))
+    monkeypatch.setattr(trt, "tensorrt_version", lambda: "0.0-test")
+    monkeypatch.setattr(trt.torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    monkeypatch.setenv("RTAGGER_CACHE_DIR", str(cache_dir))
+
+    def compile_fails(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(trt.TensorRTEngine, "_compile_and_save", compile_fails)
+
+
+def test_auto_on_cuda_takes_torch_never_unmeasured_tensorrt(debug_model, monkeypatch,
+                                                            tmp_path):
+    assert "tensorrt" not in AUTO_ORDER["cuda"] and AUTO_ORDER["cuda"][0] == "torch"
+    # Even where CUDA and TensorRT both look available, auto builds torch first and only.
+    pretend_tensorrt_fails(monkeypatch, AssertionError("must not be compiled"), tmp_path)
+    monkeypatch.setattr(engines_module, "cuda_available", lambda: True)
+    tried: list[str] = []
+    real_build = engines_module._build
+
+    def build_on_cpu(name, model, device, options):
+        tried.append(name)
+        return real_build(name, model, "cpu", options)  # no GPU here to build on
+
+    monkeypatch.setattr(engines_module, "_build", build_on_cpu)
+    engine = create_engine(debug_model, "auto", "cuda")
+    assert tried == ["torch"] and engine.name == "torch"
+    assert engine.fallback_reason is None  # torch is auto's first choice on CUDA
+    # The bench still measures TensorRT when asked for all engines: it is listed, last.
+    assert available_engines("cuda")[-1] == "tensorrt"
+
+
+@pytest.mark.parametrize("error", [RuntimeError("[TRT] unsupported op aten::stft"),
+                                   TypeError("compile() got an unexpected keyword"),
+                                   AssertionError("lowering failed"),
+                                   OSError("libnvinfer.so.10: cannot open shared object"),
+                                   EngineUnavailable("torch_tensorrt vanished")])
+def test_a_failing_tensorrt_compile_falls_back_to_torch_and_says_why(debug_model, windows,
+                                                                     reference, monkeypatch,
+                                                                     tmp_path, caplog, error):
+    pretend_tensorrt_fails(monkeypatch, error, tmp_path)
+    with caplog.at_level("WARNING", logger="rtagger.engines"):
+        engine = create_engine(debug_model, "tensorrt", "cpu", cache_dir=tmp_path,
+                               max_batch=8, opt_batch=4)
+    assert engine.name == "torch" and engine.device == "cpu"
+    assert type(error).__name__ in engine.fallback_reason
+    assert str(error) in engine.fallback_reason
+    assert engine.describe()["fallback_reason"] == engine.fallback_reason
+    assert "tensorrt fell back to torch" in caplog.text
+    _check(engine, windows, reference)  # and it tags like torch
+
+
+def test_bad_tensorrt_settings_are_errors_not_fallbacks(debug_model, monkeypatch, tmp_path):
+    pretend_tensorrt_fails(monkeypatch, RuntimeError("not reached"), tmp_path)
+    with pytest.raises(ConfigError, match="precision"):
+        create_engine(debug_model, "tensorrt", "cpu", precision="int8")
+    with pytest.raises(ConfigError, match="opt_batch"):
+        create_engine(debug_model, "tensorrt", "cpu", max_batch=4, opt_batch=8)
+    with pytest.raises(ConfigError, match="takes no options"):
+        create_engine(debug_model, "tensorrt", "cpu", threads=2)
+
+
+def test_auto_falls_back_when_a_build_fails_with_any_error(debug_model, monkeypatch, caplog):
+    from rtagger.engines.onnx_engine import OnnxEngine
+
+    if unavailable_reason("onnx", "cpu") is not None:
+        pytest.skip(unavailable_reason("onnx", "cpu"))
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("onnxruntime: session creation failed")
+
+    monkeypatch.setattr(OnnxEngine, "__init__", broken)
+    with caplog.at_level("WARNING", logger="rtagger.engines"):
+        engine = create_engine(debug_model, "auto", "cpu")
+    assert engine.name == "torch"
+    assert "onnx failed to build (RuntimeError: onnxruntime: session creation failed)" in \
+        engine.fallback_reason
+    assert "fell back" in caplog.text
 
 
 def test_tensorrt_request_without_gpu_is_a_clear_error(debug_model):
@@ -151,6 +249,15 @@ def test_cuda_graphs_pad_the_batch_and_equal_eager(debug_model, windows):
         # cuDNN may pick other (TF32) algorithms for the padded batch size.
         np.testing.assert_allclose(a[0], b[0], atol=CUDA_FP32_ATOL[0])
         np.testing.assert_allclose(a[1], b[1], atol=CUDA_FP32_ATOL[1])
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_auto_on_cuda_is_the_measured_torch_path(debug_model, windows, reference):
+    engine = create_engine(debug_model, "auto", "cuda")
+    assert engine.name == "torch" and engine.device.startswith("cuda")
+    assert engine.fallback_reason is None
+    _check(engine, windows, reference, *CUDA_FP32_ATOL)
 
 
 @pytest.mark.gpu

@@ -9,6 +9,7 @@ import pytest
 import torch
 import typer
 from conftest import cli_with, music_like
+from test_engines import pretend_tensorrt_fails
 from typer.testing import CliRunner
 
 from deploy.export import (
@@ -155,3 +156,44 @@ def test_tag_and_serve_paths_load_an_export_folder(onnx_dir, encoded):
                                            str(encoded["wav"])])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["results"][0]["model"]["engine"] == "onnx"
+
+
+def test_an_engine_the_export_does_not_hold_is_refused(onnx_dir, encoded):
+    from rtagger.cli import app as rtagger_app
+    from rtagger.tagger import Tagger
+
+    assert Tagger(str(onnx_dir), engine="auto").engine.name == "onnx"
+    assert Tagger(str(onnx_dir), engine="onnx").engine.name == "onnx"
+    for other in ("torch", "tensorrt"):
+        with pytest.raises(ConfigError, match="onnx export") as info:
+            Tagger(str(onnx_dir), engine=other)
+        assert "checkpoint.safetensors" in str(info.value)  # how to run another engine
+    res = CliRunner().invoke(rtagger_app, ["tag", "--model", str(onnx_dir), "--engine",
+                                           "torch", str(encoded["wav"])])
+    assert res.exit_code == 2 and "cannot apply" in res.output
+    # The checkpoint inside the folder runs with the engine asked for.
+    assert Tagger(onnx_dir / "checkpoint.safetensors", engine="torch").engine.name == "torch"
+
+
+def test_a_tensorrt_export_that_fails_to_build_falls_back_to_torch(onnx_dir, monkeypatch,
+                                                                   tmp_path, windows):
+    from rtagger.tagger import Tagger
+
+    # A TensorRT export folder whose engine does not match this "GPU": it must recompile,
+    # and the compile fails.
+    folder = tmp_path / "trt"
+    folder.mkdir()
+    (folder / "checkpoint.safetensors").write_bytes(
+        (onnx_dir / "checkpoint.safetensors").read_bytes())
+    (folder / "other-gpu.ep").write_bytes(b"compiled elsewhere")
+    manifest = json.loads((onnx_dir / MANIFEST).read_text())
+    manifest.update(artifact="tensorrt", file="other-gpu.ep",
+                    tensorrt={"key": "other-gpu", "gpu": "Other GPU", "version": "0.0-other",
+                              "precision": "fp32", "max_batch": 8, "opt_batch": 4})
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    pretend_tensorrt_fails(monkeypatch, RuntimeError("[TRT] builder failed"), tmp_path / "c")
+    t = Tagger(str(folder), device="cpu")
+    assert t.engine.name == "torch"
+    assert "[TRT] builder failed" in t.model_info()["engine_fallback"]
+    ref = _eager(build_untrained("debug"), windows)
+    np.testing.assert_allclose(t.engine.run(windows)[0], ref[0], atol=PROBS_ATOL["onnx"])

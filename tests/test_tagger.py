@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import music_like
+from test_engines import pretend_tensorrt_fails
 
 from rtagger.aggregate import TrackContext
 from rtagger.audio import SAMPLE_RATE, load_audio
@@ -122,3 +123,22 @@ def test_context_indices_match_the_live_track_context(debug_model):
         for i in range(n):
             ctx.add(np.zeros(len(debug_model.tags)), np.full(agg.cfg.d_in, float(i)))
         assert [int(e[0]) for e in ctx._embs] == context_indices(n, m)
+
+
+def test_a_tensorrt_fallback_is_reported_in_the_model_info(debug_model, song, monkeypatch,
+                                                           tmp_path, caplog):
+    pretend_tensorrt_fails(monkeypatch, RuntimeError("[TRT] out of memory"), tmp_path)
+    with caplog.at_level("WARNING", logger="rtagger.engines"):
+        t = Tagger(debug_model, engine="tensorrt", device="cpu")
+    assert t.engine.name == "torch"
+    r = t.tag_array(song)
+    assert r.model["engine"] == "torch"
+    assert "tensorrt failed to build" in r.model["engine_fallback"]
+    assert "[TRT] out of memory" in r.model["engine_fallback"]
+    assert "fell back to torch" in caplog.text
+    # Without a fallback there is nothing to report.
+    assert "engine_fallback" not in Tagger(debug_model).model_info()
+
+
+def test_a_checkpoint_defaults_to_the_torch_engine(debug_model):
+    assert Tagger(debug_model).engine.name == "torch"

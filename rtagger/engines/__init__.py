@@ -14,10 +14,18 @@ Backends:
 - ``tensorrt`` (:mod:`.tensorrt_engine`): torch-tensorrt fp16, compiled once per
   (model, GPU, TensorRT version) and cached on disk.
 
-``create_engine(model, "auto", device)`` picks the best engine available for the device;
-when the first choice (or the device itself) is missing it falls back, logs a warning and
-records why in the engine's ``fallback_reason``: a fallback is never silent. Asking for a
-named engine that cannot run raises :class:`~rtagger.errors.EngineUnavailable` instead.
+``create_engine(model, "auto", device)`` picks the best *measured* engine available for
+the device (:data:`AUTO_ORDER`); when the first choice (or the device itself) is missing or
+fails to build, it falls back, logs a warning and records why in the engine's
+``fallback_reason``: a fallback is never silent. ``auto`` never picks TensorRT: no GPU run
+has measured it yet (docs/performance.md), so on CUDA it takes torch.
+
+Asking for a named engine that cannot run here at all (not installed, no GPU) raises
+:class:`~rtagger.errors.EngineUnavailable` with the reason. A requested TensorRT engine
+that can run but fails to build (its compile can fail in many ways: an unsupported op, a
+library mismatch, out of memory; any exception type) is replaced by torch on the same
+device, with a warning and the reason in ``fallback_reason``. Invalid settings
+(:class:`~rtagger.errors.ConfigError`) are always raised, never fallen back from.
 
 Optional backends are imported lazily, so ``import rtagger`` never needs onnxruntime or
 TensorRT.
@@ -42,8 +50,10 @@ from rtagger.errors import ConfigError, EngineUnavailable
 log = logging.getLogger(__name__)
 
 ENGINES = ("torch", "onnx", "tensorrt")
-# Preference of ``auto`` per device kind, best first (measured: docs/performance.md).
-AUTO_ORDER = {"cuda": ("tensorrt", "torch", "onnx"), "cpu": ("onnx", "torch")}
+# Preference of ``auto`` per device kind, best first: only engines a benchmark run has
+# measured on that kind of device (docs/performance.md). TensorRT joins the CUDA order once
+# a GPU run of `rtagger bench --device cuda` has measured it against torch.
+AUTO_ORDER = {"cuda": ("torch", "onnx"), "cpu": ("onnx", "torch")}
 _GPU_ONLY_OPTIONS = {"precision", "cuda_graph_batch_sizes"}
 
 
@@ -110,6 +120,8 @@ def create_engine(model: TaggingModel, engine: str = "torch", device: str = "cpu
     the chosen engine does not take are dropped (logged at debug level).
 
     Raises :class:`EngineUnavailable` when a named engine cannot run here, with the reason.
+    A TensorRT engine that can run here but fails to build (any error but a ConfigError)
+    is replaced by torch on the same device, with the reason in ``fallback_reason``.
     """
     if engine == "auto":
         return _create_auto(model, device, options)
@@ -118,7 +130,26 @@ def create_engine(model: TaggingModel, engine: str = "torch", device: str = "cpu
         raise EngineUnavailable(f"engine {engine!r} on {device}: {reason}; available here: "
                                 f"{', '.join(available_engines('cpu')) or 'none'} (cpu)"
                                 + _cuda_note())
+    if engine == "tensorrt":
+        return _tensorrt_or_torch(model, device, options)
     return _build(engine, model, device, options)
+
+
+def _tensorrt_or_torch(model: TaggingModel, device: str, options: dict) -> Engine:
+    _check_options("tensorrt", options)  # a bad option is the caller's error, not a fallback
+    try:
+        return _build("tensorrt", model, device, options)
+    except ConfigError:
+        raise
+    except Exception as e:  # any build/compile failure: torch is the measured path
+        reason = f"tensorrt failed to build on {device} ({type(e).__name__}: {e}); using torch"
+        log.warning("engine tensorrt fell back to torch on %s: %s", device, reason,
+                    exc_info=True)
+        accepted = _accepted_options("torch")
+        eng = _build("torch", model, device, {k: v for k, v in options.items()
+                                              if k in accepted})
+        eng.fallback_reason = reason
+        return eng
 
 
 def _create_auto(model: TaggingModel, device: str, options: dict) -> Engine:
@@ -141,8 +172,12 @@ def _create_auto(model: TaggingModel, device: str, options: dict) -> Engine:
         try:
             eng = _build(name, model, device, {k: v for k, v in options.items()
                                                if k in accepted})
-        except EngineUnavailable as e:
-            skipped.append(f"{name}: {e}")
+        except ConfigError:
+            raise
+        except Exception as e:  # unavailable after all, or failed to build: try the next
+            log.debug("engine auto: %s failed to build on %s", name, device, exc_info=True)
+            skipped.append(f"{name}: {e}" if isinstance(e, EngineUnavailable)
+                           else f"{name} failed to build ({type(e).__name__}: {e})")
             continue
         if skipped:
             eng.fallback_reason = "; ".join(skipped)
@@ -171,11 +206,15 @@ def _accepted_options(name: str) -> set[str]:
     return {p.name for p in params.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def _build(name: str, model: TaggingModel, device: str, options: dict) -> Engine:
+def _check_options(name: str, options: dict) -> None:
     unknown = set(options) - _accepted_options(name)
     if unknown:
         raise ConfigError(f"engine {name!r} takes no options {sorted(unknown)}; it takes "
                           f"{sorted(_accepted_options(name))}")
+
+
+def _build(name: str, model: TaggingModel, device: str, options: dict) -> Engine:
+    _check_options(name, options)
     return _engine_class(name)(model, device, **options)
 
 

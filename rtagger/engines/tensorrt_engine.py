@@ -13,8 +13,10 @@ portable between them. The cache lives in ``$RTAGGER_CACHE_DIR/tensorrt`` (defau
 ``rtagger export --format tensorrt`` is searched first.
 
 torch_tensorrt is imported lazily: without it (or without a GPU) ``create_engine(...,
-"auto")`` falls back and says why, and ``create_engine(..., "tensorrt")`` raises
-:class:`~rtagger.errors.EngineUnavailable`.
+"tensorrt")`` raises :class:`~rtagger.errors.EngineUnavailable`; when it is there but the
+build or compile fails (any exception), ``create_engine`` falls back to torch on the same
+device and reports why in ``fallback_reason``. ``auto`` does not pick TensorRT until a GPU
+run has measured it.
 
 Thread safety: one thread owns an engine.
 """
