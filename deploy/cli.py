@@ -1,4 +1,4 @@
-"""``rtagger export``: a thin command; the work is in :mod:`deploy.export` (imported lazily)."""
+"""``rtagger export``: a thin command; the work is in :mod:`rtagger.deploy.export` (lazy)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def register(app: typer.Typer) -> None:
         """Export a model to a folder (ONNX, ExportedProgram or TensorRT) for serving."""
         from rich.console import Console
 
-        from deploy.export import export_model, read_manifest
+        from rtagger.deploy.export import export_model
+        from rtagger.engines.exported import read_manifest
 
         err = Console(stderr=True, soft_wrap=True)
         try:

@@ -392,6 +392,3 @@ def _parse_batches(text: str) -> tuple[int, ...]:
         raise ConfigError(f"--batch-sizes takes comma-separated integers, got {text!r}") from e
     return sizes
 
-
-# The command lives in a light module so that `rtagger --help` does not import torch.
-from rtagger.bench_cli import register  # noqa: E402, F401

@@ -366,20 +366,20 @@ def serve(
 
 
 def _add_subcommands() -> None:
-    from deploy.cli import register as register_export
+    from importlib.metadata import entry_points
+
     from rtagger.bench_cli import register as register_bench
 
-    register_export(app)
     register_bench(app)
-    try:
-        from train.cli import data_app, train_app
-    except ModuleNotFoundError as e:
-        if e.name != "train":  # a missing dependency inside train/ must not be hidden
-            raise
-        log.debug("training commands unavailable: %s", e)
-        return
-    app.add_typer(data_app, name="data")
-    app.add_typer(train_app, name="train")
+    # Training and deployment commands register through an entry-point group
+    # (pyproject.toml), so this module never imports them.
+    for ep in entry_points(group="rtagger.commands"):
+        try:
+            register = ep.load()
+        except ImportError as e:  # a missing optional dependency: the rest still works
+            log.warning("'%s' commands unavailable (%s: %s)", ep.name, type(e).__name__, e)
+            continue
+        register(app)
 
 
 _add_subcommands()

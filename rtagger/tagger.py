@@ -92,7 +92,7 @@ class Tagger:
     ) -> None:
         if isinstance(model, str | Path) and _is_export_dir(model):
             # A deployed artefact (rtagger export): its own graph is the engine.
-            from deploy.export import load_exported_model
+            from rtagger.engines.exported import load_exported_model
 
             self.model = load_exported_model(model)
             self.engine = (engine if engine is not None and not isinstance(engine, str)
@@ -209,7 +209,7 @@ class Tagger:
 
 def _export_engine(folder: Path, engine: str | None, device: str) -> Engine:
     """The engine of export ``folder``; refuses an ``engine`` the folder does not hold."""
-    from deploy.export import CHECKPOINT, load_exported, read_manifest
+    from rtagger.engines.exported import CHECKPOINT, load_exported, read_manifest
 
     artifact = read_manifest(folder)["artifact"]
     if engine not in (None, "auto", artifact):
@@ -223,6 +223,6 @@ def _export_engine(folder: Path, engine: str | None, device: str) -> Engine:
 def _is_export_dir(path: str | Path) -> bool:
     if not Path(path).is_dir():
         return False
-    from deploy.export import is_export_dir
+    from rtagger.engines.exported import is_export_dir
 
     return is_export_dir(path)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from rtagger.audio import N_MELS, SAMPLE_RATE, WINDOW_SAMPLES
 from rtagger.errors import ConfigError
-from train.augment import WAVE_TRANSFORMS, Augment, AugmentConfig, SpecMask
+from rtagger.train.augment import WAVE_TRANSFORMS, Augment, AugmentConfig, SpecMask
 
 SR = SAMPLE_RATE
 

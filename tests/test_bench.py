@@ -20,10 +20,10 @@ from rtagger.bench import (
     BenchSettings,
     bench_streams,
     machine_info,
-    register,
     results_table,
     run_bench,
 )
+from rtagger.bench_cli import register
 from rtagger.errors import ConfigError
 from rtagger.streambench import (
     StreamStats,

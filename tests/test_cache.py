@@ -26,10 +26,10 @@ from typer.testing import CliRunner
 
 from rtagger.audio import FRAMES_PER_WINDOW, HOP_LENGTH, SAMPLE_RATE, WINDOW_SAMPLES
 from rtagger.features import LogMel
-from train import cache
-from train.cache import CacheError, FeatureCache, build_cache, logmel_chunked
-from train.manifest import Track, write_manifest, zip_ref
-from train.pool import load_track_audio
+from rtagger.train import cache, cache_cli
+from rtagger.train.cache import CacheError, FeatureCache, build_cache, logmel_chunked
+from rtagger.train.manifest import Track, write_manifest, zip_ref
+from rtagger.train.pool import load_track_audio
 
 MEL_RTOL, MEL_ATOL = 2.0**-11, 1e-3
 FRONTEND = LogMel()
@@ -268,7 +268,7 @@ def test_parallel_build_equals_serial(library, tmp_path):
 
 def test_cli_prints_summary_and_failures(library, tmp_path):
     app = typer.Typer()
-    cache.register(app)
+    cache_cli.register(app)
 
     @app.command("noop")  # a second command keeps typer from collapsing the group
     def noop() -> None: ...

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.datasets import (
+from rtagger.train.datasets import (
     DatasetError,
     Track,
     check_artist_leakage,
@@ -20,7 +20,7 @@ from train.datasets import (
     load_mtat,
     mtat_top_tags,
 )
-from train.manifest import ManifestWriter, parse_zip_ref, read_manifest, write_manifest
+from rtagger.train.manifest import ManifestWriter, parse_zip_ref, read_manifest, write_manifest
 
 # --- manifests ----------------------------------------------------------------------------
 

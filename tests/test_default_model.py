@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from rtagger.checkpoint import bundled_model_path, load_model
 from rtagger.cli import app
 from rtagger.model import SIZES
-from train import synth
+from rtagger.train import synth
 
 # Mean per-song ROC-AUC of the track tags (how often a true tag outranks a false one) over
 # 4 fresh test-split songs. The default scored 0.82-0.93 for seeds 11-13 (2026-11-25);

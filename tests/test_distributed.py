@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _recipe(data: Path):
-    from train.recipe import recipe_from_dict
+    from rtagger.train.recipe import recipe_from_dict
 
     return recipe_from_dict({
         "name": "ddp", "stage": "tagger", "seed": 0,
@@ -56,8 +56,8 @@ def _sha(x) -> str:
 
 def _worker_train(data: Path, out: Path, die_at: int) -> Path:
     """One rank of a training run, recording per step what its random streams produced."""
-    from train.loop import init_distributed, train
-    from train.tasks import TaggerTask
+    from rtagger.train.loop import init_distributed, train
+    from rtagger.train.tasks import TaggerTask
 
     info = init_distributed()
     r = _recipe(data)
@@ -87,9 +87,9 @@ def _worker_train(data: Path, out: Path, die_at: int) -> Path:
 
 def _worker_pseudo(data: Path, out: Path, teacher: Path) -> None:
     """One rank of pseudo-labelling; records which shard files this rank wrote."""
-    from train import pseudo
-    from train.loop import init_distributed
-    from train.manifest import read_manifest
+    from rtagger.train import pseudo
+    from rtagger.train.loop import init_distributed
+    from rtagger.train.manifest import read_manifest
 
     info = init_distributed()
     pseudo.TRACKS_PER_SHARD = TRACKS_PER_SHARD
@@ -127,8 +127,8 @@ def data(tmp_path_factory):
     from test_train import _toy_song
 
     from rtagger.audio import SAMPLE_RATE
-    from train.cache import build_cache
-    from train.manifest import Track, write_manifest
+    from rtagger.train.cache import build_cache
+    from rtagger.train.manifest import Track, write_manifest
 
     d = tmp_path_factory.mktemp("ddp")
     every = []
@@ -187,9 +187,9 @@ def test_ddp_ranks_draw_their_own_batches_and_resume_their_own_streams(data, tmp
         torch.testing.assert_close(done_b["model"][k], v, msg=k)
 
     # 4. Pseudo-labels: rank r wrote the shards k % 2 == r; together a 1-process run.
-    from train import pseudo
-    from train.manifest import read_manifest
-    from train.windows import read_shard
+    from rtagger.train import pseudo
+    from rtagger.train.manifest import read_manifest
+    from rtagger.train.windows import read_shard
 
     wrote = [json.loads((straight / f"pseudo-rank{r}.json").read_text()) for r in (0, 1)]
     assert wrote == [["shard-00000.npz", "shard-00002.npz"], ["shard-00001.npz"]]

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from rtagger.vocab import tag_groups_v1, tags_v1
-from train.evaluate import (
+from rtagger.train.evaluate import (
     _weighted_scores,
     bootstrap_ci,
     compare_table,
@@ -17,6 +16,7 @@ from train.evaluate import (
     tag_metrics,
     write_report,
 )
+from rtagger.vocab import tag_groups_v1, tags_v1
 
 TAGS = ["rock", "jazz", "piano", "drums"]
 GROUPS = {"rock": "genre", "jazz": "genre", "piano": "instrument", "drums": "instrument"}

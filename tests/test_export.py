@@ -12,17 +12,17 @@ from conftest import cli_with, music_like
 from test_engines import pretend_tensorrt_fails
 from typer.testing import CliRunner
 
-from deploy.export import (
+from rtagger.audio import WINDOW_SAMPLES
+from rtagger.checkpoint import build_untrained
+from rtagger.deploy.cli import register
+from rtagger.deploy.export import export_model
+from rtagger.engines.exported import (
     MANIFEST,
-    export_model,
     is_export_dir,
     load_exported,
     load_exported_model,
     read_manifest,
-    register,
 )
-from rtagger.audio import WINDOW_SAMPLES
-from rtagger.checkpoint import build_untrained
 from rtagger.errors import CheckpointError, ConfigError, EngineUnavailable
 
 # Max |difference| of the reloaded artefact to eager torch fp32 (measured ~3e-7 for ONNX,

@@ -8,8 +8,8 @@ from conftest import music_like, write_audio
 
 from rtagger.audio import SAMPLE_RATE, load_audio
 from rtagger.checkpoint import save_model
-from train.manifest import Track
-from train.mixes import boundary_scores, build_mixes, evaluate_segmentation, read_mixes
+from rtagger.train.manifest import Track
+from rtagger.train.mixes import boundary_scores, build_mixes, evaluate_segmentation, read_mixes
 
 
 def test_boundary_scores_match_one_to_one_within_tolerance():
@@ -51,7 +51,7 @@ def test_segmentation_evaluation_runs_the_live_session(songs, tmp_path, debug_mo
 
 def test_a_sweep_tags_once_and_scores_every_setting(songs, tmp_path, debug_model):
     from rtagger.stream import SegmenterConfig
-    from train.mixes import sweep_segmentation
+    from rtagger.train.mixes import sweep_segmentation
 
     mixes = build_mixes(songs, tmp_path / "mixes", 1, tracks_per_mix=3, seed=0,
                         progress=False)

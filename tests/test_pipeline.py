@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from rtagger.checkpoint import load_model
 from rtagger.cli import app
-from train.pipeline import load_pipeline, run_pipeline
+from rtagger.train.pipeline import load_pipeline, run_pipeline
 
 PIPELINE = Path(__file__).parents[1] / "train" / "recipes" / "pipeline-debug.toml"
 
@@ -61,7 +61,7 @@ def test_pipeline_files_are_valid():
 
 def test_compare_refuses_an_unfinished_evaluation(tmp_path):
     from rtagger.errors import ConfigError
-    from train.compare import load_row
+    from rtagger.train.compare import load_row
 
     (tmp_path / "eval").mkdir()
     with pytest.raises(ConfigError, match=r"not a finished evaluation \(missing \['metrics"):

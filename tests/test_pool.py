@@ -17,9 +17,9 @@ import typer
 from typer.testing import CliRunner
 
 from rtagger.audio import SAMPLE_RATE, load_audio
-from train import pool
-from train.manifest import parse_zip_ref, read_manifest
-from train.pool import build_pool, build_pool_report, load_track_audio, probe
+from rtagger.train import pool
+from rtagger.train.manifest import parse_zip_ref, read_manifest
+from rtagger.train.pool import build_pool, build_pool_report, load_track_audio, probe
 
 
 def encode(dest: Path | io.BytesIO, codec: str, rate: int, channels: int, seconds: float,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-from train import progress
-from train.progress import Bar
+from rtagger.train import progress
+from rtagger.train.progress import Bar
 
 
 def test_plain_lines_when_not_a_terminal(monkeypatch):

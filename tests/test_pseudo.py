@@ -12,11 +12,11 @@ from conftest import music_like, write_audio
 from rtagger.audio import SAMPLE_RATE, WINDOW_SAMPLES
 from rtagger.checkpoint import build_untrained, save_model
 from rtagger.errors import ConfigError
-from train import pseudo
-from train.cache import FeatureCache, build_cache
-from train.manifest import Track
-from train.pseudo import pseudo_label, shard_path
-from train.windows import read_shard
+from rtagger.train import pseudo
+from rtagger.train.cache import FeatureCache, build_cache
+from rtagger.train.manifest import Track
+from rtagger.train.pseudo import pseudo_label, shard_path
+from rtagger.train.windows import read_shard
 
 HOP_S = 1.0  # 5 s songs: 2 windows each
 
@@ -92,7 +92,7 @@ def test_changed_tracks_rewrite_their_shards_and_log_why(pool, tmp_path, caplog)
     out = tmp_path / "out"
     tracks = pool["tracks"]
     _label(pool, tracks[:3] + tracks[4:], out)  # t3 left out: [t0 t1] [t2 t4] [t5]
-    caplog.set_level(logging.WARNING, logger="train.pseudo")
+    caplog.set_level(logging.WARNING, logger="rtagger.train.pseudo")
     rep = _label(pool, tracks, out)  # t3 back: [t0 t1] [t2 t3] [t4 t5]
     assert (rep.shards_skipped, rep.shards_rewritten, rep.shards_written) == (1, 2, 2)
     assert ("rewriting" in caplog.text and "shard-00001.npz: its tracks changed: 1 tracks "
@@ -120,7 +120,7 @@ def test_changed_audio_under_the_same_path_rewrites_its_shard(pool, tmp_path, ca
     assert first.shards_written == 1
     _song(tmp_path, "t9", seed=10)  # new content at the same path
     build_cache([song], pool["cache"], progress=False)
-    caplog.set_level(logging.WARNING, logger="train.pseudo")
+    caplog.set_level(logging.WARNING, logger="rtagger.train.pseudo")
     rep = _label(pool, [song], out)
     assert rep.shards_rewritten == 1
     assert "1 with another path or audio (t9)" in caplog.text
@@ -134,7 +134,7 @@ def test_shards_of_an_older_rtagger_or_unreadable_ones_are_rewritten(pool, tmp_p
     np.savez(shard_path(out, 0), refs=np.array(old.refs), starts=old.starts,
              probs=old.probs.astype(np.float16), meta=json.dumps(v1))
     shard_path(out, 1).write_bytes(b"not a zip file")
-    caplog.set_level(logging.WARNING, logger="train.pseudo")
+    caplog.set_level(logging.WARNING, logger="rtagger.train.pseudo")
     rep = _label(pool, pool["tracks"][:4], out)
     assert rep.shards_rewritten == 2
     assert "lacks ['window_samples', 'tracks_sha256'] (written by an older rtagger)" in caplog.text

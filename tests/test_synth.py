@@ -17,8 +17,8 @@ import pytest
 
 mido = pytest.importorskip("mido")
 
-from train import synth  # noqa: E402
-from train import synth_midi as sm  # noqa: E402
+from rtagger.train import synth  # noqa: E402
+from rtagger.train import synth_midi as sm  # noqa: E402
 
 TPQ = 480
 

@@ -12,12 +12,12 @@ from conftest import write_audio
 from rtagger.audio import SAMPLE_RATE
 from rtagger.checkpoint import load_model
 from rtagger.errors import ConfigError
-from train.cache import build_cache
-from train.loop import train
-from train.manifest import Track, write_manifest
-from train.pseudo import pseudo_label
-from train.recipe import load_recipe, recipe_from_dict
-from train.tasks import AggregatorTask, TaggerTask
+from rtagger.train.cache import build_cache
+from rtagger.train.loop import train
+from rtagger.train.manifest import Track, write_manifest
+from rtagger.train.pseudo import pseudo_label
+from rtagger.train.recipe import load_recipe, recipe_from_dict
+from rtagger.train.tasks import AggregatorTask, TaggerTask
 
 
 def _toy_song(kind: str, seconds: float, seed: int) -> np.ndarray:
@@ -54,7 +54,7 @@ def toy(tmp_path_factory):
 
 
 def _read(path):
-    from train.manifest import read_manifest
+    from rtagger.train.manifest import read_manifest
 
     return read_manifest(path)
 
@@ -206,7 +206,7 @@ def test_the_recipe_name_does_not_change_its_digest(toy):
 def test_every_shipped_recipe_and_pipeline_loads():
     from pathlib import Path
 
-    from train.pipeline import load_pipeline
+    from rtagger.train.pipeline import load_pipeline
 
     root = Path(__file__).resolve().parent.parent / "train" / "recipes"
     recipes = [p for p in root.rglob("*.toml") if not p.name.startswith("pipeline")]
@@ -238,7 +238,7 @@ def _pipeline(tmp_path, step: str, top: str = "") -> object:
 ])
 def test_an_unknown_pipeline_step_key_names_the_key_the_step_and_the_allowed_keys(
         tmp_path, step, key, kind):
-    from train.pipeline import STEP_KEYS, load_pipeline
+    from rtagger.train.pipeline import STEP_KEYS, load_pipeline
 
     p = _pipeline(tmp_path, step)
     with pytest.raises(ConfigError) as e:
@@ -251,7 +251,7 @@ def test_an_unknown_pipeline_step_key_names_the_key_the_step_and_the_allowed_key
 
 
 def test_pipeline_top_level_nested_and_required_keys_are_checked(tmp_path):
-    from train.pipeline import load_pipeline
+    from rtagger.train.pipeline import load_pipeline
 
     ok = 'name = "t"\nrun = "train"\nrecipe = "r.toml"\nout = "o"'
     with pytest.raises(ConfigError, match=r"unknown keys \['sett'\]; allowed: \['set', 'steps'\]"):
@@ -298,7 +298,7 @@ def test_a_checkpoint_records_the_recipe_without_this_machines_folders(toy, tmp_
     from dataclasses import replace
     from pathlib import Path
 
-    from train.recipe import portable_source
+    from rtagger.train.recipe import portable_source
 
     shipped = Path(__file__).resolve().parent.parent / "train" / "recipes" / "teacher.toml"
     assert portable_source(str(shipped)) == "train/recipes/teacher.toml"

@@ -42,8 +42,8 @@ import torch
 from rtagger.audio import FRAMES_PER_WINDOW, SAMPLE_RATE, WINDOW_SAMPLES
 from rtagger.errors import AudioError, RtaggerError
 from rtagger.features import AMIN, LogMel
-from train.manifest import Track, parse_zip_ref
-from train.pool import load_track_audio
+from rtagger.train.manifest import Track, parse_zip_ref
+from rtagger.train.pool import load_track_audio
 
 log = logging.getLogger(__name__)
 
@@ -591,6 +591,3 @@ def print_report(report: CacheReport, console) -> None:
         for f in report.failures:
             console.print(f"  {f.path}: {f.reason}", markup=False, highlight=False, soft_wrap=True)
 
-
-# The command lives in a light module so that `rtagger --help` does not import torch.
-from train.cache_cli import register  # noqa: E402, F401

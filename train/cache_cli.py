@@ -1,4 +1,4 @@
-"""``rtagger data cache``: a thin command; the work is in :mod:`train.cache` (lazy import)."""
+"""``rtagger data cache``: a thin command; the work is in :mod:`rtagger.train.cache` (lazy)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def register(app: typer.Typer) -> None:
         """Decode, resample and log-mel every track once into a memory-mapped cache."""
         from rich.console import Console
 
-        from train.cache import build_cache, print_report
-        from train.manifest import read_manifest
+        from rtagger.train.cache import build_cache, print_report
+        from rtagger.train.manifest import read_manifest
 
         console = Console()
         try:

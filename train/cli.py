@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from rtagger.errors import RtaggerError
-from train import cache_cli, pool
+from rtagger.train import cache_cli, pool
 
 data_app = typer.Typer(
     help="Build datasets: the synthetic labelled benchmark, the unlabelled pool, caches.",
@@ -28,7 +28,7 @@ cache_cli.register(data_app)
 
 def _register_synth() -> None:
     try:
-        from train import synth
+        from rtagger.train import synth
     except ModuleNotFoundError as e:
         if e.name != "mido":
             raise
@@ -47,6 +47,13 @@ def _register_synth() -> None:
 _register_synth()
 
 
+def register(app: typer.Typer) -> None:
+    """Add the ``data`` and ``train`` groups to the ``rtagger`` CLI (the entry point that
+    pyproject.toml names in the ``rtagger.commands`` group)."""
+    app.add_typer(data_app, name="data")
+    app.add_typer(train_app, name="train")
+
+
 def _fail(e: Exception) -> typer.Exit:
     typer.echo(f"error: {e}", err=True)
     return typer.Exit(2)
@@ -61,9 +68,9 @@ def run_recipe(
     device: str = typer.Option(None, "--device"),
 ) -> None:
     """Train one stage from a recipe; resumes from OUT/last.pt after a kill."""
-    from train.loop import train
-    from train.recipe import load_recipe
-    from train.tasks import make_task
+    from rtagger.train.loop import train
+    from rtagger.train.recipe import load_recipe
+    from rtagger.train.tasks import make_task
 
     try:
         r = load_recipe(recipe, set_)
@@ -86,8 +93,8 @@ def pseudo(
 
     Tags in the manifests are ignored: labelled songs can join the pool with labels hidden.
     """
-    from train.manifest import read_manifest
-    from train.pseudo import pseudo_label
+    from rtagger.train.manifest import read_manifest
+    from rtagger.train.pseudo import pseudo_label
 
     try:
         tracks = [t for m in manifest for t in read_manifest(m)]
@@ -105,7 +112,7 @@ def pipeline(
     only: str = typer.Option(None, "--only", help="Run just this step."),
 ) -> None:
     """Run every step of a pipeline in order; each step resumes where it stopped."""
-    from train.pipeline import run_pipeline
+    from rtagger.train.pipeline import run_pipeline
 
     try:
         run_pipeline(file, root, only)
@@ -122,8 +129,8 @@ def evaluate(
     hop: float = typer.Option(3.6905625, "--hop"),
 ) -> None:
     """ROC-AUC / PR-AUC per tag and group, window and song level, as JSON + Markdown + plots."""
-    from train.manifest import read_manifest
-    from train.scoring import score_and_report
+    from rtagger.train.manifest import read_manifest
+    from rtagger.train.scoring import score_and_report
 
     try:
         paths = score_and_report(model, read_manifest(manifest), cache, out, hop_s=hop)
@@ -147,7 +154,7 @@ def compare(
     out: Path = typer.Option(None, "--out", "-o", help="Append the Markdown here."),
 ) -> None:
     """Evaluations side by side: deltas with paired bootstrap CIs, cost, per tag group."""
-    from train.compare import compare_markdown, load_row, model_cost
+    from rtagger.train.compare import compare_markdown, load_row, model_cost
 
     names = labels.split(",") if labels else [None] * len(rows)
     if len(names) != len(rows):
@@ -177,8 +184,8 @@ def mixes(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Simulated DJ mixes with crossfades and their true track boundaries."""
-    from train.manifest import read_manifest
-    from train.mixes import build_mixes
+    from rtagger.train.manifest import read_manifest
+    from rtagger.train.mixes import build_mixes
 
     try:
         built = build_mixes(read_manifest(manifest), out, n, tracks_per_mix=per_mix,
@@ -209,7 +216,7 @@ def segeval(
     from dataclasses import replace
 
     from rtagger.stream import SegmenterConfig
-    from train.mixes import evaluate_segmentation, read_mixes, sweep_segmentation
+    from rtagger.train.mixes import evaluate_segmentation, read_mixes, sweep_segmentation
 
     cfg = SegmenterConfig()
     if threshold is not None:

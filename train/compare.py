@@ -82,7 +82,7 @@ def _song_scores(row: Row) -> np.ndarray:
 
 def paired_delta(row: Row, ref: Row, n: int = 1000, seed: int = 0) -> tuple[float, float, float]:
     """Macro PR-AUC of ``row`` minus ``ref`` on the same songs, with a bootstrap 95% CI."""
-    from train.evaluate import bootstrap_ci
+    from rtagger.train.evaluate import bootstrap_ci
 
     if list(row.songs["ids"]) != list(ref.songs["ids"]):
         raise ConfigError(f"{row.folder} and {ref.folder} were scored on different songs")
@@ -97,7 +97,7 @@ def paired_delta(row: Row, ref: Row, n: int = 1000, seed: int = 0) -> tuple[floa
 def compare_markdown(rows: list[Row], reference: int = 0, costs: dict[str, dict] | None = None,
                      title: str = "", bootstrap: int = 1000) -> str:
     """The comparison table and the per-group table for ``rows`` (reference: an index)."""
-    from train.evaluate import compare_table
+    from rtagger.train.evaluate import compare_table
 
     ref = rows[reference]
     table_rows = []

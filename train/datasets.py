@@ -3,7 +3,7 @@
 - :func:`load_mtat` - MagnaTagATune ``annotations_final.csv`` + the literature's splits;
 - :func:`load_jamendo` - MTG-Jamendo ``autotagging*-{train,validation,test}.tsv``;
 - :func:`load_msd_cals` - Million Song Dataset with the CALS ``*_ids.npy`` splits;
-- :func:`load_manifest` - our own JSONL/CSV manifests (see :mod:`train.manifest`).
+- :func:`load_manifest` - our own JSONL/CSV manifests (see :mod:`rtagger.train.manifest`).
 
 Split names are normalised to train/valid/test (and ``unlabelled`` for the MSD student set).
 The exact files and array shapes each loader expects are listed in ``docs/datasets.md``.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.manifest import (
+from rtagger.train.manifest import (
     DatasetError,
     OnLeak,
     Track,

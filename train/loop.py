@@ -1,6 +1,6 @@
 """The training loop: one loop for every stage, read top to bottom.
 
-A stage (:mod:`train.tasks`) supplies the model, batches, the loss targets, an evaluation
+A stage (:mod:`rtagger.train.tasks`) supplies the model, batches, the loss targets, an evaluation
 and the export to a rtagger checkpoint; this loop does the rest the same way for all:
 AdamW with linear warm-up and cosine decay, mixed precision on CUDA, gradient clipping,
 evaluation every ``eval.every_steps``, early stopping on the validation metric, the best
@@ -34,8 +34,8 @@ from torch import nn
 
 from rtagger.checkpoint import TaggingModel, save_model
 from rtagger.errors import ConfigError
-from train.progress import Bar
-from train.recipe import Recipe, portable_source
+from rtagger.train.progress import Bar
+from rtagger.train.recipe import Recipe, portable_source
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from rtagger.checkpoint import TaggingModel, load_model
 from rtagger.protocol import Start
 from rtagger.stream import SegmenterConfig, StreamSession
 from rtagger.tagger import Tagger
-from train.manifest import Track
-from train.progress import Bar
+from rtagger.train.manifest import Track
+from rtagger.train.progress import Bar
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def build_mixes(tracks: list[Track], out_dir: str | Path, n_mixes: int, *,
 
     Resumable: a mix's index line is appended only after its audio file is complete.
     """
-    from train.pool import load_track_audio
+    from rtagger.train.pool import load_track_audio
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,7 @@ def build_mixes(tracks: list[Track], out_dir: str | Path, n_mixes: int, *,
 
 
 def _write_flac(path: Path, samples: np.ndarray) -> None:
-    from train.synth import write_flac
+    from rtagger.train.synth import write_flac
 
     tmp = path.with_suffix(".part.flac")
     write_flac(tmp, samples)

@@ -67,7 +67,7 @@ def _check_keys(table: dict, keys: tuple[frozenset[str], frozenset[str]], where:
 
 def load_pipeline(path: str | Path) -> list[dict]:
     """The steps of a pipeline file, checked: kinds, unique names, keys of every step."""
-    from train.recipe import load_recipe, read_toml
+    from rtagger.train.recipe import load_recipe, read_toml
 
     path = Path(path)
     raw = read_toml(path, "pipeline")
@@ -119,7 +119,7 @@ def run_pipeline(path: str | Path, root: str | Path = ".", only: str | None = No
 
 
 def _synth(step: dict, progress: bool) -> None:
-    from train.synth import build_synth
+    from rtagger.train.synth import build_synth
 
     build_synth(step["out"], step["split"], step["songs"], seed=step.get("seed", 0),
                 jobs=step.get("jobs"), min_s=step.get("min_seconds", 40.0),
@@ -127,23 +127,23 @@ def _synth(step: dict, progress: bool) -> None:
 
 
 def _pool(step: dict, progress: bool) -> None:
-    from train.pool import build_pool
+    from rtagger.train.pool import build_pool
 
     build_pool(step["out"], step.get("sources"), progress=progress)
 
 
 def _cache(step: dict, progress: bool) -> None:
-    from train.cache import build_cache
-    from train.manifest import read_manifest
+    from rtagger.train.cache import build_cache
+    from rtagger.train.manifest import read_manifest
 
     tracks = [t for m in step["manifests"] for t in read_manifest(m)]
     build_cache(tracks, step["out"], jobs=step.get("jobs", 1), progress=progress)
 
 
 def _train(step: dict, progress: bool) -> None:
-    from train.loop import train
-    from train.recipe import load_recipe
-    from train.tasks import make_task
+    from rtagger.train.loop import train
+    from rtagger.train.recipe import load_recipe
+    from rtagger.train.tasks import make_task
 
     recipe = load_recipe(step["recipe"], step.get("set", []))
     out = Path(step["out"])
@@ -152,9 +152,9 @@ def _train(step: dict, progress: bool) -> None:
 
 
 def _pseudo(step: dict, progress: bool) -> None:
-    from train.manifest import read_manifest
-    from train.pseudo import pseudo_label
-    from train.windows import labelled_subset
+    from rtagger.train.manifest import read_manifest
+    from rtagger.train.pseudo import pseudo_label
+    from rtagger.train.windows import labelled_subset
 
     tracks = [t for m in step["manifests"] for t in read_manifest(m)]
     ex = step.get("exclude_labelled")
@@ -169,9 +169,9 @@ def _pseudo(step: dict, progress: bool) -> None:
 
 def _evaluate(step: dict, progress: bool) -> None:
     from rtagger.checkpoint import load_model
-    from train.loop import atomic_write_text
-    from train.manifest import read_manifest
-    from train.scoring import score_and_report
+    from rtagger.train.loop import atomic_write_text
+    from rtagger.train.manifest import read_manifest
+    from rtagger.train.scoring import score_and_report
 
     out = Path(step["out"])
     done = out / "done.json"  # written last: its presence means the report is complete

@@ -30,7 +30,7 @@ import typer
 
 from rtagger.audio import Resampler, load_audio
 from rtagger.errors import AudioError, ConfigError
-from train.manifest import ManifestWriter, Track, parse_zip_ref, read_manifest, zip_ref
+from rtagger.train.manifest import ManifestWriter, Track, parse_zip_ref, read_manifest, zip_ref
 
 log = logging.getLogger(__name__)
 

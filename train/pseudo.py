@@ -35,12 +35,12 @@ import torch.distributed as dist
 from rtagger.audio import SAMPLE_RATE, WINDOW_SAMPLES
 from rtagger.checkpoint import load_model
 from rtagger.errors import ConfigError
-from train.cache import FeatureCache
-from train.evaluate import atomic_write
-from train.loop import init_distributed
-from train.manifest import Track
-from train.progress import Bar
-from train.windows import cached_only, song_windows
+from rtagger.train.cache import FeatureCache
+from rtagger.train.evaluate import atomic_write
+from rtagger.train.loop import init_distributed
+from rtagger.train.manifest import Track
+from rtagger.train.progress import Bar
+from rtagger.train.windows import cached_only, song_windows
 
 log = logging.getLogger(__name__)
 TRACKS_PER_SHARD = 16

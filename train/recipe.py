@@ -1,7 +1,7 @@
 """Recipes: every training stage is one TOML file read into frozen dataclasses.
 
 What varies between experiments (dataset, model size, augmentation, a noisy-student round)
-lives in ``train/recipes/*.toml``; the loop in :mod:`train.loop` never changes per run.
+lives in ``train/recipes/*.toml``; the loop in :mod:`rtagger.train.loop` never changes per run.
 Values can be overridden from the command line as ``--set optim.lr=3e-4``.
 
 Paths in a recipe are relative to the working directory (the repository root when run as
@@ -79,7 +79,7 @@ class Recipe:
     optim: OptimSection = field(default_factory=OptimSection)
     eval: EvalSection = field(default_factory=EvalSection)
     aggregator: AggregatorSection = field(default_factory=AggregatorSection)
-    augment: dict[str, Any] = field(default_factory=dict)  # train.augment.AugmentConfig
+    augment: dict[str, Any] = field(default_factory=dict)  # rtagger.train.augment.AugmentConfig
     source: str = ""  # the file it was read from
 
     def digest(self) -> str:
@@ -149,10 +149,10 @@ def validate(r: Recipe) -> None:
     if r.eval.every_steps < 1 or r.eval.patience < 1:
         raise ConfigError(f"{where}: eval.every_steps and eval.patience must be >= 1")
     _validate_arch(r, where)
-    from train.augment import AugmentConfig  # torch-heavy; recipes are read to train anyway
+    from rtagger.train.augment import AugmentConfig  # torch-heavy; recipes are read to train anyway
 
     table = dict(r.augment)
-    if not isinstance(table.pop("enabled", True), bool):  # read by train.tasks._augmenters
+    if not isinstance(table.pop("enabled", True), bool):  # read by rtagger.train.tasks._augmenters
         raise ConfigError(f"{where}: augment.enabled must be true or false")
     try:
         AugmentConfig.from_dict(table)

@@ -2,7 +2,7 @@
 
 Inference goes through :class:`rtagger.tagger.Tagger`, the same path users run, on audio from
 the feature cache. Window labels come from the synthetic benchmark's timeline when a track
-has one (:func:`train.synth_midi.window_labels`); otherwise a window takes its song's tags
+has one (:func:`rtagger.train.synth_midi.window_labels`); otherwise a window takes its song's tags
 (the multiple-instance assumption). Song scores are computed twice from the same windows:
 mean pooling (the paper's aggregation) and the model's context aggregator, fed exactly as
 the live track context would feed it.
@@ -20,11 +20,11 @@ from rtagger.aggregate import TrackContext
 from rtagger.audio import SAMPLE_RATE, WINDOW_S
 from rtagger.checkpoint import load_model
 from rtagger.tagger import Tagger
-from train.cache import FeatureCache
-from train.evaluate import atomic_write, evaluate_levels, write_report
-from train.manifest import Track
-from train.progress import Bar
-from train.windows import cached_only, multi_hot
+from rtagger.train.cache import FeatureCache
+from rtagger.train.evaluate import atomic_write, evaluate_levels, write_report
+from rtagger.train.manifest import Track
+from rtagger.train.progress import Bar
+from rtagger.train.windows import cached_only, multi_hot
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def _window_truth(track: Track, start_s: float, end_s: float) -> set[str]:
     timeline = track.extra.get("timeline")
     if timeline is None:
         return set(track.tags)
-    from train.synth_midi import window_labels
+    from rtagger.train.synth_midi import window_labels
 
     return window_labels({"tags": list(track.tags), "timeline": timeline}, start_s, end_s)
 

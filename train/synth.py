@@ -3,8 +3,8 @@
 Each song is planned from a seed (groove, tempo, key, chord progression, lead instrument,
 structure events), written as an MMA file, turned into MIDI by ``mma``, edited with
 :mod:`mido` (lead melody, re-voicing, tempo change, key change, breakdown: see
-:mod:`train.synth_midi`), rendered by ``fluidsynth`` and stored as 16 kHz mono FLAC. Tags and
-the timeline are computed from the edited MIDI that was rendered, never from the plan.
+:mod:`rtagger.train.synth_midi`), rendered by ``fluidsynth`` and stored as 16 kHz mono FLAC.
+Tags and the timeline are computed from the edited MIDI that was rendered, never from the plan.
 
 Output folder::
 
@@ -51,8 +51,8 @@ import typer
 
 from rtagger.audio import SAMPLE_RATE
 from rtagger.errors import RtaggerError
-from train import synth_midi as sm
-from train.synth_midi import window_labels
+from rtagger.train import synth_midi as sm
+from rtagger.train.synth_midi import window_labels
 
 __all__ = [
     "BuildResult",

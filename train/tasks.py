@@ -1,4 +1,4 @@
-"""Training stages for :func:`train.loop.train`: the window tagger and the track aggregator.
+"""Training stages for :func:`rtagger.train.loop.train`: the window tagger and the track aggregator.
 
 ``TaggerTask`` trains a :class:`~rtagger.model.ChunkTagger` on random crops of labelled
 songs (multiple-instance learning: a crop inherits its song's tags), optionally mixed with
@@ -35,12 +35,11 @@ from rtagger.model import (
     aggregator_config,
     tagger_config,
 )
-from rtagger.vocab import tag_groups_v1
-from train.cache import FeatureCache
-from train.manifest import Track, read_manifest
-from train.progress import Bar
-from train.recipe import Recipe
-from train.windows import (
+from rtagger.train.cache import FeatureCache
+from rtagger.train.manifest import Track, read_manifest
+from rtagger.train.progress import Bar
+from rtagger.train.recipe import Recipe
+from rtagger.train.windows import (
     EvalWindows,
     LabelledWindows,
     PseudoWindows,
@@ -49,6 +48,7 @@ from train.windows import (
     song_windows,
     tag_list_for,
 )
+from rtagger.vocab import tag_groups_v1
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 32
@@ -91,7 +91,7 @@ def _augmenters(recipe: Recipe):
     table = dict(recipe.augment)
     if not table or not table.pop("enabled", True):
         return None, None
-    from train.augment import Augment, AugmentConfig, SpecMask
+    from rtagger.train.augment import Augment, AugmentConfig, SpecMask
 
     cfg = AugmentConfig.from_dict(table)
     spec = SpecMask(cfg) if cfg.time_mask_p > 0 or cfg.freq_mask_p > 0 else None

@@ -2,7 +2,7 @@
 
 Multiple-instance learning: a labelled window inherits its song's tags; windows carry no
 labels of their own. Pseudo-labelled windows carry the teacher's soft probabilities.
-Audio comes from the feature cache (:mod:`train.cache`) as 16 kHz PCM, because waveform
+Audio comes from the feature cache (:mod:`rtagger.train.cache`) as 16 kHz PCM, because waveform
 augmentation must happen before the log-mel.
 
 Sampling is driven by an explicit ``numpy.random.Generator`` whose state the training loop
@@ -21,9 +21,9 @@ import numpy as np
 
 from rtagger.audio import SAMPLE_RATE, WINDOW_SAMPLES
 from rtagger.errors import ConfigError
+from rtagger.train.cache import FeatureCache
+from rtagger.train.manifest import Track
 from rtagger.vocab import tags_v1
-from train.cache import FeatureCache
-from train.manifest import Track
 
 log = logging.getLogger(__name__)
 
