@@ -156,7 +156,9 @@ def save_model(model: TaggingModel, path: str | Path) -> Path:
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     model.weights_sha256 = weights_sha256(state)
-    meta = {"format": FORMAT, "rtagger": json.dumps(model.describe())}
+    # safetensors tools read `format` as the tensor framework ("pt"); rtagger's own keys
+    # sit beside it.
+    meta = {"format": "pt", "rtagger_format": FORMAT, "rtagger": json.dumps(model.describe())}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -214,7 +216,8 @@ def _load_file(path: Path, device: str) -> TaggingModel:
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(name, f"not a readable safetensors file ({e})") from e
-    if meta.get("format") != FORMAT or "rtagger" not in meta:
+    # Files written before rtagger_format existed put FORMAT under `format`.
+    if FORMAT not in (meta.get("rtagger_format"), meta.get("format")) or "rtagger" not in meta:
         raise CheckpointError(name, "safetensors file without rtagger metadata "
                                     "(not an rtagger checkpoint)")
     try:
@@ -291,8 +294,3 @@ def _load_part(module: torch.nn.Module, state: dict, prefix: str, name: str) -> 
         raise CheckpointError(name, f"{prefix[:-1]} tensor shapes differ from the "
                                     f"architecture for {bad[:5]}")
     module.load_state_dict(part)
-
-
-def describe_file(path: str | Path) -> dict:
-    """The JSON description of a checkpoint (loads and verifies it)."""
-    return load_model(path).describe()

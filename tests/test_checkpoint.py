@@ -204,3 +204,19 @@ def test_default_model_error_is_explicit_when_none_is_bundled(monkeypatch):
     monkeypatch.setattr(ck, "bundled_model_path", lambda: None)
     with pytest.raises(CheckpointError, match="no trained default model is bundled"):
         ck.load_model("default")
+
+
+def test_safetensors_tools_see_a_torch_file_and_older_files_still_load(ckpt):
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt), "pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["format"] == "pt" and meta["rtagger_format"] == "rtagger-checkpoint"
+    # before rtagger_format existed, rtagger's format name sat under `format`
+    old = {"format": "rtagger-checkpoint", "rtagger": meta["rtagger"]}
+    save_file(state, str(ckpt), metadata=old)
+    assert load_model(ckpt).weights_sha256 == json.loads(meta["rtagger"])["weights_sha256"]
+    save_file(state, str(ckpt), metadata={"format": "pt", "rtagger": meta["rtagger"]})
+    with pytest.raises(CheckpointError, match="without rtagger metadata"):
+        load_model(ckpt)

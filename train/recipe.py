@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -244,11 +244,3 @@ def _merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def with_overrides(r: Recipe, **sections: dict) -> Recipe:
-    """A copy of ``r`` with some section fields replaced (used by the pipeline)."""
-    kw = {}
-    for name, values in sections.items():
-        kw[name] = replace(getattr(r, name), **values) if name in _SECTIONS else values
-    return replace(r, **kw)
