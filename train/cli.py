@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from rtagger.audio import WINDOW_S
 from rtagger.errors import RtaggerError
 from rtagger.train import cache_cli, pool
 
@@ -87,7 +88,7 @@ def pseudo(
     manifest: list[Path] = typer.Option(..., "--manifest", help="Unlabelled manifest(s)."),
     cache: Path = typer.Option(Path("data/cache"), "--cache"),
     out: Path = typer.Option(..., "--out", "-o"),
-    hop: float = typer.Option(3.6905625, "--hop", help="Seconds between windows."),
+    hop: float = typer.Option(WINDOW_S, "--hop", help="Seconds between windows."),
 ) -> None:
     """Label every window of unlabelled audio with a teacher (resumable, torchrun-able).
 
@@ -126,7 +127,7 @@ def evaluate(
     manifest: Path = typer.Option(..., "--manifest", help="Labelled manifest (e.g. test)."),
     cache: Path = typer.Option(Path("data/cache"), "--cache"),
     out: Path = typer.Option(..., "--out", "-o"),
-    hop: float = typer.Option(3.6905625, "--hop"),
+    hop: float = typer.Option(WINDOW_S, "--hop"),
 ) -> None:
     """ROC-AUC / PR-AUC per tag and group, window and song level, as JSON + Markdown + plots."""
     from rtagger.train.manifest import read_manifest

@@ -33,6 +33,7 @@ import logging
 import os
 from pathlib import Path
 
+from rtagger.audio import WINDOW_S
 from rtagger.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def _pseudo(step: dict, progress: bool) -> None:
         skip = {t.id for t in labelled}
         tracks = [t for t in tracks if t.id not in skip]
     pseudo_label(step["teacher"], tracks, step.get("cache", "data/cache"), step["out"],
-                 hop_s=step.get("hop_s", 3.6905625), progress=progress)
+                 hop_s=step.get("hop_s", WINDOW_S), progress=progress)
 
 
 def _evaluate(step: dict, progress: bool) -> None:
@@ -179,7 +180,7 @@ def _evaluate(step: dict, progress: bool) -> None:
     if done.exists() and json.loads(done.read_text()).get("weights_sha256") == sha:
         return
     score_and_report(step["model"], read_manifest(step["manifest"]),
-                     step.get("cache", "data/cache"), out, hop_s=step.get("hop_s", 3.6905625),
+                     step.get("cache", "data/cache"), out, hop_s=step.get("hop_s", WINDOW_S),
                      progress=progress)
     atomic_write_text(done, json.dumps({"model": step["model"], "weights_sha256": sha}))
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rtagger.audio import SAMPLE_RATE, WINDOW_SAMPLES
+from rtagger.audio import SAMPLE_RATE, WINDOW_S, WINDOW_SAMPLES
 from rtagger.checkpoint import load_model
 from rtagger.errors import ConfigError
 from rtagger.train.cache import FeatureCache
@@ -116,7 +116,7 @@ def _stale_reason(path: Path, old: dict, new: dict) -> str | None:
 
 
 def pseudo_label(teacher: str | Path, tracks: list[Track], cache_dir: str | Path,
-                 out_dir: str | Path, *, hop_s: float = 3.6905625, device: str | None = None,
+                 out_dir: str | Path, *, hop_s: float = WINDOW_S, device: str | None = None,
                  progress: bool = True) -> PseudoReport:
     """Label all windows of ``tracks`` with ``teacher``; resumable and shardable.
 

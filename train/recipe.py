@@ -18,6 +18,7 @@ from typing import Any
 
 import tomllib
 
+from rtagger.audio import WINDOW_S
 from rtagger.errors import ConfigError
 
 STAGES = ("tagger", "aggregator")
@@ -66,7 +67,7 @@ class EvalSection:
 class AggregatorSection:
     max_windows: int = 64
     min_windows: int = 1  # sequences are cut at random lengths in [min, max] for live use
-    hop_s: float = 3.6905625  # window hop used to embed the songs
+    hop_s: float = WINDOW_S  # window hop used to embed the songs
 
 
 @dataclass(frozen=True)
