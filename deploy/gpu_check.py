@@ -52,11 +52,11 @@ import numpy as np
 import torch
 
 from rtagger.aggregate import TrackContext
+from rtagger.atomic import atomic_write
 from rtagger.audio import DEFAULT_LIVE_HOP_S, SAMPLE_RATE, WINDOW_S, WINDOW_SAMPLES
 from rtagger.bench import machine_info
 from rtagger.checkpoint import TaggingModel, build_untrained, load_model
 from rtagger.engines import create_engine, unavailable_reason
-from rtagger.train.loop import atomic_write_text
 from rtagger.worker import InferenceWorker, Overloaded
 
 log = logging.getLogger(__name__)
@@ -183,8 +183,8 @@ class Report:
         }
 
     def write(self) -> None:
-        atomic_write_text(self.json_path, json.dumps(self.data, indent=2) + "\n")
-        atomic_write_text(self.md_path, render_markdown(self.data))
+        atomic_write(self.json_path, json.dumps(self.data, indent=2) + "\n")
+        atomic_write(self.md_path, render_markdown(self.data))
 
 
 def run_section(report: Report, name: str, fn: Callable[[float], dict],

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from rtagger.atomic import atomic_path
 from rtagger.audio import SAMPLE_RATE, WINDOW_SAMPLES
 from rtagger.errors import CheckpointError, ConfigError
 from rtagger.features import LogMel
@@ -159,16 +158,8 @@ def save_model(model: TaggingModel, path: str | Path) -> Path:
     # safetensors tools read `format` as the tensor framework ("pt"); rtagger's own keys
     # sit beside it.
     meta = {"format": "pt", "rtagger_format": FORMAT, "rtagger": json.dumps(model.describe())}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a checkpoint is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:  # readable by others: a checkpoint is meant to be shared
+        save_file(state, str(tmp), metadata=meta)
     return path
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rtagger.atomic import atomic_write
 from rtagger.audio import FRAMES_PER_WINDOW, SAMPLE_RATE, WINDOW_SAMPLES
 from rtagger.errors import AudioError, RtaggerError
 from rtagger.features import AMIN, LogMel
@@ -173,10 +174,8 @@ def _check_meta(root: Path, params: dict, *, create: bool) -> None:
             raise CacheError(f"{root}: not a feature cache (no {META_FILE})")
         if (root / INDEX_FILE).exists():
             raise CacheError(f"{root}: has {INDEX_FILE} but no {META_FILE}; refusing to guess")
-        tmp = meta.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "frontend": params,
-                                   "frontend_id": frontend_id(params)}, indent=1))
-        os.replace(tmp, meta)
+        atomic_write(meta, json.dumps({"format_version": FORMAT_VERSION, "frontend": params,
+                                       "frontend_id": frontend_id(params)}, indent=1))
         return
     try:
         have = json.loads(meta.read_text(encoding="utf-8"))
@@ -268,12 +267,8 @@ class _Writer:
                 self.pcm_end, self.mel_end = max(self.pcm_end, p_end), max(self.mel_end, m_end)
         if len(self.entries) < n_indexed:  # rewrite without them, atomically
             self.paths = {p: r for p, r in self.paths.items() if r["key"] in self.entries}
-            tmp = root / (INDEX_FILE + ".tmp")
-            with open(tmp, "wb") as f:
-                f.writelines(_line(r) for r in [*self.entries.values(), *self.paths.values()])
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, root / INDEX_FILE)
+            atomic_write(root / INDEX_FILE, b"".join(
+                _line(r) for r in [*self.entries.values(), *self.paths.values()]))
             good = _size(root / INDEX_FILE)
         self._index = open(root / INDEX_FILE, "ab")
         self._index.truncate(good)

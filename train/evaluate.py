@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +27,8 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+
+from rtagger.atomic import atomic_write
 
 METRICS = ("roc_auc", "pr_auc")
 METRIC_NAMES = {"roc_auc": "ROC-AUC", "pr_auc": "PR-AUC"}
@@ -142,21 +142,6 @@ def evaluate_levels(window_true: np.ndarray | None, window_score: np.ndarray | N
     for name, scores in song_scores.items():
         results[f"song/{name}"] = tag_metrics(song_true, scores, tags, groups)
     return results
-
-
-def atomic_write(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _num(v: float | None, digits: int = 3) -> str:

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from rtagger.atomic import atomic_path, atomic_write
 from rtagger.checkpoint import TaggingModel, save_model
 from rtagger.errors import ConfigError
 from rtagger.train.progress import Bar
@@ -105,15 +106,8 @@ def lr_at(step: int, recipe: Recipe) -> float:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def train(task: Task, recipe: Recipe, out_dir: str | Path, *, progress: bool = True,
@@ -125,7 +119,7 @@ def train(task: Task, recipe: Recipe, out_dir: str | Path, *, progress: bool = T
                                   else "cpu"))
     if info.main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "recipe.json", json.dumps(recipe.to_dict(), indent=2))
+        atomic_write(out / "recipe.json", json.dumps(recipe.to_dict(), indent=2))
     model = task.model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.optim.lr,
                             weight_decay=recipe.optim.weight_decay)
@@ -213,7 +207,7 @@ def _evaluate(task: Task, model: nn.Module, recipe: Recipe, state: TrainState, o
         save_model(export, out / "best.safetensors")
     else:
         state.bad_evals += 1
-    atomic_write_text(out / "history.json", json.dumps(
+    atomic_write(out / "history.json", json.dumps(
         {"recipe": recipe.name, "best_step": state.best_step, "best": state.best,
          "history": state.history}, indent=2))
     return state.bad_evals >= recipe.eval.patience

@@ -169,8 +169,8 @@ def _pseudo(step: dict, progress: bool) -> None:
 
 
 def _evaluate(step: dict, progress: bool) -> None:
+    from rtagger.atomic import atomic_write
     from rtagger.checkpoint import load_model
-    from rtagger.train.loop import atomic_write_text
     from rtagger.train.manifest import read_manifest
     from rtagger.train.scoring import score_and_report
 
@@ -182,7 +182,7 @@ def _evaluate(step: dict, progress: bool) -> None:
     score_and_report(step["model"], read_manifest(step["manifest"]),
                      step.get("cache", "data/cache"), out, hop_s=step.get("hop_s", WINDOW_S),
                      progress=progress)
-    atomic_write_text(done, json.dumps({"model": step["model"], "weights_sha256": sha}))
+    atomic_write(done, json.dumps({"model": step["model"], "weights_sha256": sha}))
 
 
 _STEPS = {"synth": _synth, "pool": _pool, "cache": _cache, "train": _train,

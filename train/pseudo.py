@@ -32,11 +32,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rtagger.atomic import atomic_write
 from rtagger.audio import SAMPLE_RATE, WINDOW_S, WINDOW_SAMPLES
 from rtagger.checkpoint import load_model
 from rtagger.errors import ConfigError
 from rtagger.train.cache import FeatureCache
-from rtagger.train.evaluate import atomic_write
 from rtagger.train.loop import init_distributed
 from rtagger.train.manifest import Track
 from rtagger.train.progress import Bar

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from rtagger.aggregate import TrackContext
+from rtagger.atomic import atomic_write
 from rtagger.audio import SAMPLE_RATE, WINDOW_S
 from rtagger.checkpoint import load_model
 from rtagger.tagger import Tagger
 from rtagger.train.cache import FeatureCache
-from rtagger.train.evaluate import atomic_write, evaluate_levels, write_report
+from rtagger.train.evaluate import evaluate_levels, write_report
 from rtagger.train.manifest import Track
 from rtagger.train.progress import Bar
 from rtagger.train.windows import cached_only, multi_hot

@@ -49,6 +49,7 @@ import mido
 import numpy as np
 import typer
 
+from rtagger.atomic import atomic_write
 from rtagger.audio import SAMPLE_RATE
 from rtagger.errors import RtaggerError
 from rtagger.train import synth_midi as sm
@@ -1034,11 +1035,9 @@ def _finalise(
     out: Path, manifest: Path, done: dict[int, dict], failed: list[tuple[int, str]]
 ) -> None:
     # Sorted by index, so that two builds with the same options give the same manifest.
-    tmp = manifest.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for index in sorted(done):
-            f.write(json.dumps(done[index], ensure_ascii=False, separators=(",", ":")) + "\n")
-    os.replace(tmp, manifest)
+    atomic_write(manifest, "".join(
+        json.dumps(done[index], ensure_ascii=False, separators=(",", ":")) + "\n"
+        for index in sorted(done)))
     shutil.rmtree(out / SCRATCH_DIR, ignore_errors=True)
     failures = out / "failures.jsonl"
     if failed:

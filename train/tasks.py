@@ -16,6 +16,7 @@ random lengths and thinned exactly like the live track context
 from __future__ import annotations
 
 import copy
+import io
 import itertools
 import logging
 from dataclasses import asdict
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from rtagger.aggregate import context_indices, pad_contexts
+from rtagger.atomic import atomic_write
 from rtagger.audio import SAMPLE_RATE
 from rtagger.checkpoint import TaggingModel, load_model
 from rtagger.errors import ConfigError
@@ -252,11 +254,11 @@ class AggregatorTask:
             bar.advance()
         bar.close()
         offsets = np.cumsum([0] + [len(e) for e, _ in seqs])
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, ids=np.array(ids), offsets=offsets,
+        buf = io.BytesIO()
+        np.savez(buf, ids=np.array(ids), offsets=offsets,
                  emb=np.concatenate([e for e, _ in seqs]),
                  probs=np.concatenate([p for _, p in seqs]))
-        tmp.replace(path)
+        atomic_write(path, buf.getvalue())
         return seqs
 
     def _context(self, emb: np.ndarray, n: int) -> np.ndarray:

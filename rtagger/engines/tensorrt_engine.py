@@ -29,13 +29,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from rtagger.atomic import atomic_path
 from rtagger.checkpoint import TaggingModel, weights_sha256
 from rtagger.engines import check_windows
 from rtagger.errors import ConfigError, EngineUnavailable
@@ -178,15 +178,8 @@ class TensorRTEngine:
                                           dynamic_shapes={"mel": {0: batch}})
             module = trt.dynamo.compile(program, inputs=[spec],
                                         enabled_precisions={PRECISIONS[self.precision]})
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.key}", suffix=".ep", dir=self.cache_dir)
-        os.close(fd)
-        try:
-            trt.save(module, tmp, output_format="exported_program", arg_inputs=[spec])
-            os.replace(tmp, self.path)  # atomic: a killed compile leaves no half file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(self.path) as tmp:  # a killed compile leaves no half file
+            trt.save(module, str(tmp), output_format="exported_program", arg_inputs=[spec])
         self.path.with_suffix(".json").write_text(json.dumps({
             "key": self.key, "gpu": self.gpu_name, "tensorrt": self.trt_version,
             "torch_tensorrt": trt.__version__, "torch": torch.__version__,
