@@ -154,3 +154,9 @@ def test_rtagger_works_beside_a_train_py_and_a_deploy_py(tmp_path):
         assert run.returncode == 0, run.stdout + run.stderr
         assert "was imported" not in run.stdout + run.stderr
         assert "unavailable" not in run.stderr, run.stderr
+    # package data is found by package name, not through the working directory
+    code = ("from rtagger.train import synth; from rtagger.vocab import tags_v1; "
+            "print(len(synth.groove_files('train')) > 0, len(tags_v1()))")
+    run = subprocess.run([sys.executable, "-P", "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.split() == ["True", "36"], run.stderr

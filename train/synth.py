@@ -213,7 +213,8 @@ class GrooveFile:
 
 @lru_cache(maxsize=1)
 def _all_groove_files() -> tuple[GrooveFile, ...]:
-    text = (importlib.resources.files("train") / GROOVES_RESOURCE).read_text(encoding="utf-8")
+    text = (importlib.resources.files("rtagger.train") / GROOVES_RESOURCE).read_text(
+        encoding="utf-8")
     genre_tags = set(sm.tags_in_group("genre"))
     rows = []
     for row in csv.DictReader(text.splitlines()):

@@ -25,8 +25,6 @@ Interpretations of the rules that the CSV leaves open (kept here, in one place):
 from __future__ import annotations
 
 import bisect
-import csv
-import importlib.resources
 import itertools
 import random
 from collections import defaultdict
@@ -38,6 +36,7 @@ from typing import Any
 import mido
 
 from rtagger.errors import RtaggerError
+from rtagger.vocab import load_vocabulary
 
 # --- The rules of synth_tags_v1.csv, as constants ------------------------------------------
 DRUM_CHANNEL = 9  # General MIDI percussion channel 10 (mido counts channels from 0)
@@ -82,7 +81,6 @@ INSTRUMENT_PROGRAMS: dict[str, tuple[range, ...]] = {
 }
 _PROGRAM_TAG = {p: tag for tag, ranges in INSTRUMENT_PROGRAMS.items() for r in ranges for p in r}
 
-TAGS_RESOURCE = "data/synth_tags_v1.csv"
 
 
 class MidiRuleError(RtaggerError):
@@ -100,9 +98,7 @@ class TagInfo:
 @lru_cache(maxsize=1)
 def tag_vocabulary() -> tuple[TagInfo, ...]:
     """The fixed 36-tag vocabulary, in file order (``rtagger/data/synth_tags_v1.csv``)."""
-    text = (importlib.resources.files("rtagger") / TAGS_RESOURCE).read_text(encoding="utf-8")
-    rows = csv.DictReader(text.splitlines())
-    return tuple(TagInfo(r["tag"], r["group"], r["rule"]) for r in rows)
+    return tuple(TagInfo(*row) for row in load_vocabulary())
 
 
 def tags_in_group(group: str) -> tuple[str, ...]:

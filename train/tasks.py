@@ -38,6 +38,7 @@ from rtagger.model import (
     tagger_config,
 )
 from rtagger.train.cache import FeatureCache
+from rtagger.train.evaluate import macro_auc
 from rtagger.train.manifest import Track, read_manifest
 from rtagger.train.progress import Bar
 from rtagger.train.recipe import Recipe
@@ -54,23 +55,6 @@ from rtagger.vocab import tag_groups_v1
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 32
-
-
-def macro_pr_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
-    """Macro average precision over tags that have positives and negatives."""
-    from sklearn.metrics import average_precision_score
-
-    cols = [j for j in range(y_true.shape[1]) if 0 < y_true[:, j].sum() < len(y_true)]
-    if not cols:
-        raise ConfigError("no tag has both positive and negative examples in validation")
-    return float(np.mean([average_precision_score(y_true[:, j], y_score[:, j]) for j in cols]))
-
-
-def macro_roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    cols = [j for j in range(y_true.shape[1]) if 0 < y_true[:, j].sum() < len(y_true)]
-    return float(np.mean([roc_auc_score(y_true[:, j], y_score[:, j]) for j in cols]))
 
 
 def _seeded(seed: int, build):
@@ -176,10 +160,10 @@ class TaggerTask:
         y_win = self.valid.targets[songs]
         song_scores = np.stack([probs[songs == i].mean(0)
                                 for i in range(len(self.valid.tracks))])
+        song = macro_auc(self.valid.targets, song_scores)
         return {
-            "macro_pr_auc": macro_pr_auc(self.valid.targets, song_scores),
-            "macro_roc_auc": macro_roc_auc(self.valid.targets, song_scores),
-            "window_macro_pr_auc": macro_pr_auc(y_win, probs),
+            "macro_pr_auc": song["pr_auc"], "macro_roc_auc": song["roc_auc"],
+            "window_macro_pr_auc": macro_auc(y_win, probs)["pr_auc"],
         }
 
     def export(self, model: nn.Module, metrics: dict) -> TaggingModel:
@@ -291,9 +275,9 @@ class AggregatorTask:
             scores = torch.sigmoid(_unwrap(model)(emb.to(device), valid.to(device)))
         agg = scores.float().cpu().numpy()
         mean = np.stack([p.mean(0) for _, p in self.valid_seqs])
-        return {"macro_pr_auc": macro_pr_auc(self.valid_y, agg),
-                "macro_roc_auc": macro_roc_auc(self.valid_y, agg),
-                "mean_pool_macro_pr_auc": macro_pr_auc(self.valid_y, mean)}
+        scores = macro_auc(self.valid_y, agg)
+        return {"macro_pr_auc": scores["pr_auc"], "macro_roc_auc": scores["roc_auc"],
+                "mean_pool_macro_pr_auc": macro_auc(self.valid_y, mean)["pr_auc"]}
 
     def export(self, model: nn.Module, metrics: dict) -> TaggingModel:
         agg = copy.deepcopy(_unwrap(model)).cpu().eval()
