@@ -13,6 +13,7 @@ import typer
 from rtagger.audio import WINDOW_S
 from rtagger.errors import RtaggerError
 from rtagger.train import cache_cli, pool
+from rtagger.train.teachers import cli as teachers
 
 data_app = typer.Typer(
     help="Build datasets: the synthetic labelled benchmark, the unlabelled pool, caches.",
@@ -25,6 +26,7 @@ train_app = typer.Typer(
 
 pool.register(data_app)
 cache_cli.register(data_app)
+teachers.register(data_app)
 
 
 def _register_synth() -> None:
