@@ -51,7 +51,9 @@ def pulse_env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tone(tmp_path_factory):
     sr = 44_100
-    t = np.arange(int(sr * 8)) / sr
+    # Longer than any test needs: the player is killed when the test is done, and a loaded
+    # machine may take several seconds to start the listening process.
+    t = np.arange(int(sr * 40)) / sr
     x = (0.5 * np.sin(2 * np.pi * TONE_HZ * t) * 32767).astype(np.int16)
     p = tmp_path_factory.mktemp("tone") / "tone.wav"
     with wave.open(str(p), "wb") as w:
