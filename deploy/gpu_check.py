@@ -549,20 +549,13 @@ class RandomWindowsTask:
 
     def __init__(self, recipe, n_tags: int = 50, pool_batches: int = 2) -> None:
         from rtagger.model import ChunkTagger, tagger_config
-        from rtagger.train.augment import Augment, AugmentConfig, SpecMask
+        from rtagger.train.augment import augmenters
 
         m = recipe.model
         self.model = ChunkTagger(tagger_config(m.size, n_tags, dropout=m.dropout,
                                                drop_path=m.drop_path, **m.arch))
         self.tags = [f"tag{i}" for i in range(n_tags)]
-        # The same construction as rtagger.train.tasks._augmenters.
-        table = dict(recipe.augment)
-        self.augment = self.spec_mask = None
-        if table and table.pop("enabled", True):
-            cfg = AugmentConfig.from_dict(table)
-            self.augment = Augment(cfg)
-            if cfg.time_mask_p > 0 or cfg.freq_mask_p > 0:
-                self.spec_mask = SpecMask(cfg)
+        self.augment, self.spec_mask = augmenters(recipe.augment)
         rng = np.random.default_rng(0)
         b = recipe.optim.batch_size
         self.waves = (0.1 * rng.standard_normal((pool_batches * b, WINDOW_SAMPLES))
@@ -574,14 +567,9 @@ class RandomWindowsTask:
         return torch.from_numpy(self.waves[i : i + n]), torch.from_numpy(self.targets[i : i + n])
 
     def loss_inputs(self, model, waves: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if self.augment is not None:
-            waves = self.augment(waves, generator=gen)
-        mask = None
-        if self.spec_mask is not None:
-            def mask(mel: torch.Tensor) -> torch.Tensor:
-                return self.spec_mask(mel, generator=gen)
-        logits, _ = model(waves, mel_transform=mask)
-        return logits
+        from rtagger.train.augment import augmented_logits
+
+        return augmented_logits(model, waves, gen, self.augment, self.spec_mask)
 
     def evaluate(self, model, device: torch.device) -> dict:
         x = torch.from_numpy(self.waves[:4]).to(device)

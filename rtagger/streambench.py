@@ -136,31 +136,39 @@ async def _client(url: str, idx: int, frames: list[bytes], hop_s: float, frame_s
 
 def _start_server(model: str, streams: int, device: str,
                   engine: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rtagger", "serve", "--port", "0", "--model", model,
-         "--max-streams", str(streams), "--device", device, "--engine", engine,
-         "--no-dashboard"],
-        stderr=subprocess.PIPE, text=True)
-    # Notes and warnings (an engine fallback, an old checkpoint) may come before the line
-    # with the address; keep them for the error message.
-    before: list[str] = []
+    return start_server_process("--model", model, "--max-streams", str(streams), "--device",
+                                device, "--engine", engine, "--no-dashboard")
+
+
+def start_server_process(*args: str, log: list[str] | None = None
+                         ) -> tuple[subprocess.Popen, str]:
+    """``python -m rtagger serve --port 0 ARGS`` as its own process -> ``(process, ws url)``.
+
+    Notes and warnings (an engine fallback, an old checkpoint) may come before the line with
+    the address. A reader thread keeps consuming the server's stderr afterwards, so a
+    chatty server never blocks on a full pipe; every line goes to ``log`` when one is given.
+    Raises :class:`RtaggerError` with the server's output when it does not start.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "rtagger", "serve", "--port", "0", *args],
+                            stderr=subprocess.PIPE, text=True)
+    lines = log if log is not None else []
     for line in proc.stderr:
+        lines.append(line)
         m = re.search(r"(ws://[\d.]+:\d+/)", line)
         if m is not None:
             break
-        before.append(line)
     else:
         proc.wait(30)
-        raise RtaggerError("server did not start: " + "".join(before)[-2000:].strip())
-    # Keep reading its log, or a chatty server would block once the pipe buffer is full.
-    threading.Thread(target=_drain, args=(proc.stderr,), daemon=True,
-                     name="rtagger-bench-server-log").start()
+        raise RtaggerError("server did not start: " + "".join(lines)[-2000:].strip())
+    threading.Thread(target=_drain, args=(proc.stderr, log), daemon=True,
+                     name="rtagger-server-log").start()
     return proc, m.group(1)
 
 
-def _drain(pipe: IO[str]) -> None:
-    for _ in pipe:
-        pass
+def _drain(pipe: IO[str], log: list[str] | None) -> None:
+    for line in pipe:
+        if log is not None:
+            log.append(line)
 
 
 def process_cpu_s(pid: int) -> float | None:

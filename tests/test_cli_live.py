@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from rtagger.streambench import start_server_process
 
 RTAGGER = [sys.executable, "-m", "rtagger"]
 MODEL = ["--model", "untrained:debug"]
@@ -16,17 +17,9 @@ MODEL = ["--model", "untrained:debug"]
 
 @pytest.fixture()
 def served():
-    proc = subprocess.Popen([*RTAGGER, "serve", "--port", "0", *MODEL],
-                            stderr=subprocess.PIPE, text=True)
+    proc, url = start_server_process(*MODEL)
     try:
-        seen = []  # warnings (an engine fallback, say) may come before the address
-        for line in proc.stderr:
-            seen.append(line)
-            m = re.search(r"(ws://127\.0\.0\.1:\d+/)", line)
-            if m:
-                break
-        assert m, "".join(seen)
-        yield m.group(1)
+        yield url
     finally:
         proc.terminate()
         proc.wait(30)

@@ -14,8 +14,6 @@ import re
 import socket
 import struct
 import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 from rtagger.audio import SAMPLE_RATE, WINDOW_SAMPLES
 from rtagger.checkpoint import save_model
+from rtagger.streambench import start_server_process
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 MAX_FRAME_BYTES = 64 * 1024
@@ -37,30 +36,13 @@ def documented_close_codes() -> dict[str, int]:
 
 
 class ServerProcess:
-    """``python -m rtagger serve`` on a free port; stderr collected by a thread."""
+    """``python -m rtagger serve`` on a free port, with its log collected."""
 
     def __init__(self, model_path: Path, *extra: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rtagger", "serve", "--port", "0", "--model",
-             str(model_path), "--engine", "torch", "--no-dashboard", *extra],
-            stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
-        ready = threading.Event()
-        self.url = ""
-
-        def read() -> None:
-            for line in self.proc.stderr:
-                self.lines.append(line)
-                m = re.search(r"(ws://[\d.]+:\d+/)", line)
-                if m and not self.url:
-                    self.url = m.group(1)
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(120) or not self.url:
-            self.stop()
-            raise RuntimeError("server did not start: " + "".join(self.lines)[-2000:])
+        self.proc, self.url = start_server_process(
+            "--model", str(model_path), "--engine", "torch", "--no-dashboard", *extra,
+            log=self.lines)
         self.port = int(self.url.rsplit(":", 1)[1].strip("/"))
 
     @property

@@ -467,3 +467,26 @@ def benchmark(batch: int = 32, device: str = "cpu", repeats: int = 3) -> dict[st
             best = min(best, time.perf_counter() - start)
         result[name] = round(1000.0 * best, 2)
     return result
+
+
+def augmenters(table: dict) -> tuple[Augment | None, SpecMask | None]:
+    """Waveform augmentation and log-mel masking from a recipe's ``[augment]`` table."""
+    table = dict(table)
+    if not table or not table.pop("enabled", True):
+        return None, None
+    cfg = AugmentConfig.from_dict(table)
+    spec = SpecMask(cfg) if cfg.time_mask_p > 0 or cfg.freq_mask_p > 0 else None
+    return Augment(cfg), spec
+
+
+def augmented_logits(model: nn.Module, waves: Tensor, gen: torch.Generator,
+                     augment: Augment | None, spec_mask: SpecMask | None) -> Tensor:
+    """A window tagger's logits for ``(batch, samples)`` waves, augmented on the way in."""
+    if augment is not None:
+        waves = augment(waves, generator=gen)
+    mask = None
+    if spec_mask is not None:
+        def mask(mel: Tensor) -> Tensor:
+            return spec_mask(mel, generator=gen)
+    logits, _ = model(waves, mel_transform=mask)
+    return logits

@@ -153,7 +153,7 @@ def validate(r: Recipe) -> None:
     from rtagger.train.augment import AugmentConfig  # torch-heavy; recipes are read to train anyway
 
     table = dict(r.augment)
-    if not isinstance(table.pop("enabled", True), bool):  # read by rtagger.train.tasks._augmenters
+    if not isinstance(table.pop("enabled", True), bool):  # read by rtagger.train.augment.augmenters
         raise ConfigError(f"{where}: augment.enabled must be true or false")
     try:
         AugmentConfig.from_dict(table)

@@ -37,6 +37,7 @@ from rtagger.model import (
     aggregator_config,
     tagger_config,
 )
+from rtagger.train.augment import augmented_logits, augmenters
 from rtagger.train.cache import FeatureCache
 from rtagger.train.evaluate import macro_auc
 from rtagger.train.manifest import Track, read_manifest
@@ -72,18 +73,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _augmenters(recipe: Recipe):
-    """Waveform augmentation and log-mel masking from the recipe's ``[augment]`` table."""
-    table = dict(recipe.augment)
-    if not table or not table.pop("enabled", True):
-        return None, None
-    from rtagger.train.augment import Augment, AugmentConfig, SpecMask
-
-    cfg = AugmentConfig.from_dict(table)
-    spec = SpecMask(cfg) if cfg.time_mask_p > 0 or cfg.freq_mask_p > 0 else None
-    return Augment(cfg), spec
-
-
 class TaggerTask:
     def __init__(self, recipe: Recipe) -> None:
         d = recipe.data
@@ -104,7 +93,7 @@ class TaggerTask:
             m.size, len(self.tags), dropout=m.dropout, drop_path=m.drop_path, **m.arch)))
         if m.init:
             self._warm_start(m.init)
-        self.augment, self.spec_mask = _augmenters(recipe)
+        self.augment, self.spec_mask = augmenters(recipe.augment)
         log.info("%s: %d labelled songs, %d pseudo windows, %d validation windows",
                  recipe.name, len(self.labelled), len(self.pseudo or []),
                  len(self.valid.items))
@@ -136,14 +125,7 @@ class TaggerTask:
         return torch.from_numpy(waves), torch.from_numpy(targets)
 
     def loss_inputs(self, model: nn.Module, waves: torch.Tensor, gen: torch.Generator):
-        if self.augment is not None:
-            waves = self.augment(waves, generator=gen)
-        mask = None
-        if self.spec_mask is not None:
-            def mask(mel: torch.Tensor) -> torch.Tensor:
-                return self.spec_mask(mel, generator=gen)
-        logits, _ = model(waves, mel_transform=mask)
-        return logits
+        return augmented_logits(model, waves, gen, self.augment, self.spec_mask)
 
     @torch.no_grad()
     def predict_valid(self, model: nn.Module, device: torch.device):
