@@ -32,8 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtagger.audio import SAMPLE_RATE, WINDOW_SAMPLES
-from rtagger.checkpoint import TaggingModel, load_model, save_model
+from rtagger.audio.decode import SAMPLE_RATE, WINDOW_SAMPLES
 from rtagger.engines.exported import (
     CHECKPOINT,
     FORMAT,
@@ -43,6 +42,7 @@ from rtagger.engines.exported import (
     engine_for,
 )
 from rtagger.errors import CheckpointError, ConfigError
+from rtagger.model.checkpoint import TaggingModel, load_model, save_model
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ measures, section by section:
 - ``latency``: p50/p95/p99 of one ``Engine.run`` call and windows/s for batch 1...1024, per
   size and engine variant (fp32, fp16, fp16 + CUDA graphs);
 - ``streams``: the live path, N simulated streams through
-  :class:`~rtagger.worker.InferenceWorker` at hop 1 s (one window per stream per second,
+  :class:`~rtagger.pipeline.worker.InferenceWorker` at hop 1 s (one window per stream per second,
   paced to the wall clock, each followed by its track-context aggregation as in the
   server), N doubling until the update p99 passes 50 ms or a cap;
-- ``training``: windows/s of :func:`rtagger.train.loop.train` (AMP on CUDA, the recipes'
+- ``training``: windows/s of :func:`rtagger.train.fit.loop.train` (AMP on CUDA, the recipes'
   augmentation) for the teacher and student recipes on random windows, a few steps;
 - ``tensorrt``: attempted when ``torch_tensorrt`` imports, else unavailable with the reason.
 
@@ -51,13 +51,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtagger.aggregate import TrackContext
 from rtagger.atomic import atomic_write
-from rtagger.audio import DEFAULT_LIVE_HOP_S, SAMPLE_RATE, WINDOW_S, WINDOW_SAMPLES
-from rtagger.bench import machine_info
-from rtagger.checkpoint import TaggingModel, build_untrained, load_model
+from rtagger.audio.decode import DEFAULT_LIVE_HOP_S, SAMPLE_RATE, WINDOW_S, WINDOW_SAMPLES
+from rtagger.bench.throughput import machine_info
 from rtagger.engines import create_engine, unavailable_reason
-from rtagger.worker import InferenceWorker, Overloaded
+from rtagger.model.checkpoint import TaggingModel, build_untrained, load_model
+from rtagger.pipeline.aggregate import TrackContext
+from rtagger.pipeline.worker import InferenceWorker, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -539,17 +539,17 @@ def streams_section(settings: CheckSettings, deadline: float) -> dict:
 
 
 class RandomWindowsTask:
-    """A tagger stage on random windows for :func:`rtagger.train.loop.train`: speed only.
+    """A tagger stage on random windows for :func:`rtagger.train.fit.loop.train`: speed only.
 
     The model and the augmentation come from the recipe as in
-    :class:`rtagger.train.tasks.TaggerTask`; batches are slices of a pool made once, so the
+    :class:`rtagger.train.fit.tasks.TaggerTask`; batches are slices of a pool made once, so the
     loop's own cost (host-to-device copy, augmentation, forward, backward, AdamW) is what
     is timed, not random-number generation.
     """
 
     def __init__(self, recipe, n_tags: int = 50, pool_batches: int = 2) -> None:
-        from rtagger.model import ChunkTagger, tagger_config
-        from rtagger.train.augment import augmenters
+        from rtagger.model.network import ChunkTagger, tagger_config
+        from rtagger.train.fit.augment import augmenters
 
         m = recipe.model
         self.model = ChunkTagger(tagger_config(m.size, n_tags, dropout=m.dropout,
@@ -567,7 +567,7 @@ class RandomWindowsTask:
         return torch.from_numpy(self.waves[i : i + n]), torch.from_numpy(self.targets[i : i + n])
 
     def loss_inputs(self, model, waves: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        from rtagger.train.augment import augmented_logits
+        from rtagger.train.fit.augment import augmented_logits
 
         return augmented_logits(model, waves, gen, self.augment, self.spec_mask)
 
@@ -588,8 +588,8 @@ class RandomWindowsTask:
 def training_section(settings: CheckSettings, deadline: float) -> dict:
     """Windows/s of the project's training loop for the teacher and student recipes."""
     _need_device(settings)
-    from rtagger.train.loop import train
-    from rtagger.train.recipe import load_recipe
+    from rtagger.train.fit.loop import train
+    from rtagger.train.fit.recipe import load_recipe
 
     recipes = resources.files("rtagger.train") / "recipes"
     plan = [("student", "student.toml"), ("teacher", "teacher.toml")]
@@ -638,7 +638,7 @@ def training_section(settings: CheckSettings, deadline: float) -> dict:
             row.update({"status": "error", "error": f"{type(e).__name__}: {e}"})
         results.append(row)
         _release()
-    return {"loop": "rtagger.train.loop.train (AdamW, grad clip, AMP fp16 on CUDA)",
+    return {"loop": "rtagger.train.fit.loop.train (AdamW, grad clip, AMP fp16 on CUDA)",
             "data": "random windows from a pool in memory (no feature cache)",
             "results": results}
 

@@ -18,11 +18,11 @@ __all__ = [
 def __getattr__(name: str):
     # Lazy so that `import rtagger` (e.g. for its errors) does not import torch.
     if name == "load_model":
-        from rtagger.checkpoint import load_model
+        from rtagger.model.checkpoint import load_model
 
         return load_model
     if name == "Tagger":
-        from rtagger.tagger import Tagger
+        from rtagger.pipeline.tagger import Tagger
 
         return Tagger
     raise AttributeError(name)

@@ -1,3 +1,3 @@
-from rtagger.cli import main
+from rtagger.cli.main import main
 
 main()

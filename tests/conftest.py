@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import typer
 
-from rtagger.audio import SAMPLE_RATE
+from rtagger.audio.decode import SAMPLE_RATE
 
 # (extension, codec, encoder sample format); all are FFmpeg encoders that PyAV ships.
 FORMATS = [
@@ -111,6 +111,63 @@ def encoded(tmp_path_factory, song) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def debug_model():
-    from rtagger.checkpoint import build_untrained
+    from rtagger.model.checkpoint import build_untrained
 
     return build_untrained("debug", seed=0)
+
+
+def pretend_tensorrt_fails(monkeypatch, error: Exception, cache_dir) -> None:
+    """Make TensorRT look installed for any device, with a compile that raises ``error``.
+
+    TensorRT cannot be installed here; this runs the real TensorRTEngine constructor up to
+    the compile (no engine in ``cache_dir``), as on a GPU whose compile fails.
+    """
+    import types
+
+    from rtagger.engines import tensorrt_engine as trt
+
+    monkeypatch.setattr(trt, "tensorrt_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(trt, "_torch_tensorrt", lambda: types.SimpleNamespace(
+        __version__="0.0-test"))
+    monkeypatch.setattr(trt, "tensorrt_version", lambda: "0.0-test")
+    monkeypatch.setattr(trt.torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    monkeypatch.setenv("RTAGGER_CACHE_DIR", str(cache_dir))
+
+    def compile_fails(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(trt.TensorRTEngine, "_compile_and_save", compile_fails)
+
+
+def toy_song(kind: str, seconds: float, seed: int) -> np.ndarray:
+    """'piano': sustained tones; 'drums': noise bursts. Trivially separable."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    if kind == "piano":
+        f = 220 * 2 ** (rng.integers(0, 12) / 12)
+        x = 0.3 * np.sin(2 * np.pi * f * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 0.5 * t))
+    else:
+        x = np.zeros(n)
+        for s in range(0, n, SAMPLE_RATE // 4):
+            x[s : s + 800] = rng.uniform(-0.5, 0.5, min(800, n - s))
+    return x.astype(np.float32)
+
+
+def _have_synth_tools() -> bool:
+    """mido, MMA's groove library, mma, fluidsynth and the two GM soundfonts."""
+    import shutil
+
+    try:
+        from rtagger.train.synth import songs as synth
+
+        synth.mma_lib_dir()
+    except Exception:  # ModuleNotFoundError (mido) or SynthError (no MMA library)
+        return False
+    return (shutil.which("mma") is not None and shutil.which("fluidsynth") is not None
+            and all(p.is_file() for p in synth.default_soundfonts()))
+
+
+needs_synth_tools = pytest.mark.skipif(
+    not _have_synth_tools(),
+    reason="apt packages mma fluidsynth fluid-soundfont-gm timgm6mb-soundfont (and mido)")

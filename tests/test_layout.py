@@ -99,7 +99,7 @@ def room(module: str) -> str:
 
 def test_installed_import_graph_has_no_cycles_and_runs_one_way():
     modules = installed_modules()
-    assert {"rtagger.cli", "rtagger.train.loop", "rtagger.deploy.export"} <= set(modules)
+    assert {"rtagger.cli.main", "rtagger.train.fit.loop", "rtagger.deploy.export"} <= set(modules)
     assert cycles(import_graph(modules, module_level_only=True)) == []
     everywhere = import_graph(modules, module_level_only=False)
     # the runtime imports nothing from training or deployment, not even lazily
@@ -155,8 +155,35 @@ def test_rtagger_works_beside_a_train_py_and_a_deploy_py(tmp_path):
         assert "was imported" not in run.stdout + run.stderr
         assert "unavailable" not in run.stderr, run.stderr
     # package data is found by package name, not through the working directory
-    code = ("from rtagger.train import synth; from rtagger.vocab import tags_v1; "
+    code = ("from rtagger.train.synth import songs as synth; "
+            "from rtagger.model.vocab import tags_v1; "
             "print(len(synth.groove_files('train')) > 0, len(tags_v1()))")
     run = subprocess.run([sys.executable, "-P", "-c", code], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.split() == ["True", "36"], run.stderr
+
+
+# The runtime's rooms in data-path order: a room imports only rooms before it (or itself).
+RUNTIME_ORDER = ("rtagger.errors", "rtagger.atomic", "rtagger.audio", "rtagger.model",
+                 "rtagger.engines", "rtagger.pipeline", "rtagger.live", "rtagger.bench",
+                 "rtagger.cli", "rtagger")
+
+
+def runtime_room(module: str) -> str:
+    return next(r for r in RUNTIME_ORDER if module == r or module.startswith(r + "."))
+
+
+def test_runtime_rooms_follow_the_data_path():
+    """audio -> model -> engines -> pipeline -> live -> bench -> cli, never backwards.
+
+    ``rtagger`` itself (its ``__init__``, the public API) and ``__main__`` come last; taking
+    ``__version__`` from it is fine (Python has run it before any ``rtagger.*`` module, and
+    it imports its API lazily).
+    """
+    modules = {m: p for m, p in installed_modules().items() if room(m) == "rtagger"}
+    rank = {r: i for i, r in enumerate(RUNTIME_ORDER)}
+    backwards = sorted(
+        (a, b) for a, deps in import_graph(modules, module_level_only=False).items()
+        for b in deps if b != "rtagger" and rank[runtime_room(b)] > rank[runtime_room(a)])
+    assert backwards == []
+    assert {runtime_room(m) for m in modules} == set(RUNTIME_ORDER)

@@ -33,7 +33,7 @@ import logging
 import os
 from pathlib import Path
 
-from rtagger.audio import WINDOW_S
+from rtagger.audio.decode import WINDOW_S
 from rtagger.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def _check_keys(table: dict, keys: tuple[frozenset[str], frozenset[str]], where:
 
 def load_pipeline(path: str | Path) -> list[dict]:
     """The steps of a pipeline file, checked: kinds, unique names, keys of every step."""
-    from rtagger.train.recipe import load_recipe, read_toml
+    from rtagger.train.fit.recipe import load_recipe, read_toml
 
     path = Path(path)
     raw = read_toml(path, "pipeline")
@@ -120,7 +120,7 @@ def run_pipeline(path: str | Path, root: str | Path = ".", only: str | None = No
 
 
 def _synth(step: dict, progress: bool) -> None:
-    from rtagger.train.synth import build_synth
+    from rtagger.train.synth.songs import build_synth
 
     build_synth(step["out"], step["split"], step["songs"], seed=step.get("seed", 0),
                 jobs=step.get("jobs"), min_s=step.get("min_seconds", 40.0),
@@ -128,23 +128,23 @@ def _synth(step: dict, progress: bool) -> None:
 
 
 def _pool(step: dict, progress: bool) -> None:
-    from rtagger.train.pool import build_pool
+    from rtagger.train.data.pool import build_pool
 
     build_pool(step["out"], step.get("sources"), progress=progress)
 
 
 def _cache(step: dict, progress: bool) -> None:
-    from rtagger.train.cache import build_cache
-    from rtagger.train.manifest import read_manifest
+    from rtagger.train.data.cache import build_cache
+    from rtagger.train.data.manifest import read_manifest
 
     tracks = [t for m in step["manifests"] for t in read_manifest(m)]
     build_cache(tracks, step["out"], jobs=step.get("jobs", 1), progress=progress)
 
 
 def _train(step: dict, progress: bool) -> None:
-    from rtagger.train.loop import train
-    from rtagger.train.recipe import load_recipe
-    from rtagger.train.tasks import make_task
+    from rtagger.train.fit.loop import train
+    from rtagger.train.fit.recipe import load_recipe
+    from rtagger.train.fit.tasks import make_task
 
     recipe = load_recipe(step["recipe"], step.get("set", []))
     out = Path(step["out"])
@@ -153,9 +153,9 @@ def _train(step: dict, progress: bool) -> None:
 
 
 def _pseudo(step: dict, progress: bool) -> None:
-    from rtagger.train.manifest import read_manifest
-    from rtagger.train.pseudo import pseudo_label
-    from rtagger.train.windows import labelled_subset
+    from rtagger.train.data.manifest import read_manifest
+    from rtagger.train.data.windows import labelled_subset
+    from rtagger.train.fit.pseudo import pseudo_label
 
     tracks = [t for m in step["manifests"] for t in read_manifest(m)]
     ex = step.get("exclude_labelled")
@@ -170,9 +170,9 @@ def _pseudo(step: dict, progress: bool) -> None:
 
 def _evaluate(step: dict, progress: bool) -> None:
     from rtagger.atomic import atomic_write
-    from rtagger.checkpoint import load_model
-    from rtagger.train.manifest import read_manifest
-    from rtagger.train.scoring import score_and_report
+    from rtagger.model.checkpoint import load_model
+    from rtagger.train.data.manifest import read_manifest
+    from rtagger.train.evaluation.scoring import score_and_report
 
     out = Path(step["out"])
     done = out / "done.json"  # written last: its presence means the report is complete

@@ -43,9 +43,9 @@ from typing import Protocol
 
 import numpy as np
 
-from rtagger.audio import WINDOW_SAMPLES
-from rtagger.checkpoint import TaggingModel
+from rtagger.audio.decode import WINDOW_SAMPLES
 from rtagger.errors import ConfigError, EngineUnavailable
+from rtagger.model.checkpoint import TaggingModel
 
 log = logging.getLogger(__name__)
 

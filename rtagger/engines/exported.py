@@ -7,8 +7,8 @@ An export folder holds ``rtagger.json`` (what the folder holds), ``checkpoint.sa
 imports deployment code.
 
 ``load_exported(folder, device)`` returns ``(engine, manifest)``; ``load_exported_model``
-returns the :class:`~rtagger.checkpoint.TaggingModel` (tag names, aggregator) a
-:class:`~rtagger.tagger.Tagger` needs beside the engine.
+returns the :class:`~rtagger.model.checkpoint.TaggingModel` (tag names, aggregator) a
+:class:`~rtagger.pipeline.tagger.Tagger` needs beside the engine.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rtagger.checkpoint import TaggingModel, load_model
 from rtagger.errors import CheckpointError, ConfigError
+from rtagger.model.checkpoint import TaggingModel, load_model
 
 FORMAT = "rtagger-export"
 FORMAT_VERSION = 1

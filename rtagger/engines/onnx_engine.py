@@ -13,11 +13,11 @@ centred, reflect-padded, Hann-windowed STFT with plain tensor ops: frames by sli
 is half the FFT size), then the 512-point DFT as a "four-step" FFT -- 32-point DFTs as one
 matmul, twiddle factors, 16-point DFTs as a second matmul -- which costs ~5x fewer
 multiply-adds than a dense DFT (conv1d with a DFT basis) and runs as large GEMMs in ONNX
-Runtime. It is mathematically identical to :class:`rtagger.features.LogMel`; only float32
+Runtime. It is mathematically identical to :class:`rtagger.model.features.LogMel`; only float32
 rounding differs. Against a float64 STFT, on music and noise both are within 0.005 dB; in
 the near-silent bands of a pure full-scale tone (far side lobes, ~-80 dB) torch's FFT is
 off by up to 0.4 dB and this by up to 1 dB; above -60 dB this is the more accurate of the
-two (1e-3 vs 2e-3 dB). rtagger/features.py is unchanged.
+two (1e-3 vs 2e-3 dB). rtagger/model/features.py is unchanged.
 
 Thread safety: one thread owns an engine (an ``InferenceSession`` may be shared, but the
 engine's intra-op thread pool is sized for one caller).
@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtagger.audio import WINDOW_SAMPLES
-from rtagger.checkpoint import TaggingModel
+from rtagger.audio.decode import WINDOW_SAMPLES
 from rtagger.engines import check_windows
 from rtagger.errors import ConfigError, EngineUnavailable
-from rtagger.features import AMIN, LogMel
+from rtagger.model.checkpoint import TaggingModel
+from rtagger.model.features import AMIN, LogMel
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ OUTPUT_NAMES = ("probs", "embedding")
 
 
 class FourStepLogMel(nn.Module):
-    """Export-friendly twin of :class:`~rtagger.features.LogMel` (same parameters, buffers).
+    """Export-friendly twin of :class:`~rtagger.model.features.LogMel` (same parameters, buffers).
 
     ``(batch, WINDOW_SAMPLES)`` -> ``(batch, n_mels, frames)`` dB. Needs ``n_fft == 2 *
     hop_length`` (frames are two consecutive hops) and a power-of-two ``n_fft``.

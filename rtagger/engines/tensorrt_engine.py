@@ -36,10 +36,10 @@ import torch
 from torch import nn
 
 from rtagger.atomic import atomic_path
-from rtagger.checkpoint import TaggingModel, weights_sha256
 from rtagger.engines import check_windows
 from rtagger.errors import ConfigError, EngineUnavailable
-from rtagger.model import ChunkTagger
+from rtagger.model.checkpoint import TaggingModel, weights_sha256
+from rtagger.model.network import ChunkTagger
 
 log = logging.getLogger(__name__)
 

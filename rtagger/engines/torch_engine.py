@@ -30,11 +30,11 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from rtagger.audio import WINDOW_SAMPLES
-from rtagger.checkpoint import TaggingModel
+from rtagger.audio.decode import WINDOW_SAMPLES
 from rtagger.engines import check_windows
 from rtagger.errors import ConfigError, EngineUnavailable
-from rtagger.model import ChunkTagger, ResBlock2d
+from rtagger.model.checkpoint import TaggingModel
+from rtagger.model.network import ChunkTagger, ResBlock2d
 
 log = logging.getLogger(__name__)
 

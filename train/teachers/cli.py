@@ -15,10 +15,11 @@ from rtagger.errors import RtaggerError
 TEACHER_NAMES = ("MTT_musicnn", "MTT_vgg", "MSD_musicnn", "MSD_vgg")
 
 
-def register(app: typer.Typer) -> None:
-    """Add ``rtagger data teachers`` to the data command group."""
+def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
+    """Add ``teachers`` to the ``rtagger data`` group (none go under ``train``)."""
+    del train_app
 
-    @app.command("teachers")
+    @data_app.command("teachers")
     def teachers(
         out: Path = typer.Option(Path("data/teachers"), "--out", "-o"),
         model: list[str] = typer.Option(list(TEACHER_NAMES), "--model",

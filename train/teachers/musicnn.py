@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtagger import audio
-from rtagger.checkpoint import weights_sha256
+from rtagger.audio import decode as audio
 from rtagger.errors import CheckpointError, ConfigError
-from rtagger.features import mel_filterbank
+from rtagger.model.checkpoint import weights_sha256
+from rtagger.model.features import mel_filterbank
 
 SAMPLE_RATE = 16_000  # Hz
 N_FFT = 512  # samples

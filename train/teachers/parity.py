@@ -3,7 +3,7 @@
 The TensorFlow side is musicnn's own ``models.define_model`` graph restored from the shipped
 checkpoint, fed musicnn's own front end (librosa ``melspectrogram``) with the float16
 defect fixed: ``log10(10000 * mel + 1)`` in float32, as the torch side computes it. Both
-sides get the same 16 kHz waveform (decoded once by :func:`rtagger.audio.load_audio`), so
+sides get the same 16 kHz waveform (decoded once by :func:`rtagger.audio.decode.load_audio`), so
 the figures measure the port, not two decoders. ``float16_defect_patches`` reports the share
 of patches in which musicnn's shipped pipeline would have produced inf.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtagger.audio import load_audio
+from rtagger.audio.decode import load_audio
 from rtagger.train.teachers.convert import (
     ConversionError,
     import_tensorflow,

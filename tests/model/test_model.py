@@ -1,0 +1,104 @@
+"""Model shapes, configs and size targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rtagger.audio.decode import WINDOW_SAMPLES
+from rtagger.errors import ConfigError
+from rtagger.model.network import (
+    AggregatorConfig,
+    ChunkTagger,
+    ContextAggregator,
+    TaggerConfig,
+    aggregator_config,
+    config_from_dict,
+    config_to_dict,
+    count_macs,
+    tagger_config,
+)
+
+
+def test_chunk_tagger_shapes():
+    cfg = tagger_config("debug", n_tags=7)
+    model = ChunkTagger(cfg).eval()
+    logits, emb = model(torch.randn(3, WINDOW_SAMPLES))
+    assert logits.shape == (3, 7)
+    assert emb.shape == (3, cfg.d_model)
+    assert cfg.tokens == 58 and cfg.bands_out == 16  # (2,2),(2,2),(2,1) pooling of 128x231
+
+
+def test_paper_teacher_configuration():
+    cfg = tagger_config("teacher", n_tags=50)
+    assert (cfg.conv_channels, cfg.d_model, cfg.n_layers, cfg.n_heads) == (128, 256, 4, 8)
+    assert cfg.pools == ((2, 2), (2, 2), (2, 1))
+    assert cfg.ff_mult == 4 and cfg.dropout == 0.1
+
+
+def test_student_is_at_most_a_tenth_of_the_teacher():
+    wave = torch.zeros(1, WINDOW_SAMPLES)
+    teacher = count_macs(ChunkTagger(tagger_config("teacher", 36)), wave)
+    student = count_macs(ChunkTagger(tagger_config("student", 36)), wave)
+    assert student <= teacher / 10
+
+
+def test_config_round_trip_and_validation():
+    cfg = tagger_config("student", 36, drop_path=0.1)
+    assert config_from_dict(TaggerConfig, config_to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="no fields"):
+        config_from_dict(TaggerConfig, {**config_to_dict(cfg), "bogus": 1})
+    with pytest.raises(ConfigError, match="divisible"):
+        TaggerConfig(n_tags=3, d_model=30, n_heads=4)
+    with pytest.raises(ConfigError, match="unknown model size"):
+        tagger_config("huge", 3)
+
+
+def test_aggregator_ignores_padded_windows():
+    torch.manual_seed(0)
+    agg = ContextAggregator(aggregator_config("debug", 5, d_in=12)).eval()
+    emb = torch.randn(1, 4, 12)
+    padded = torch.cat([emb, torch.randn(1, 3, 12) * 100], dim=1)
+    valid = torch.tensor([[True] * 4 + [False] * 3])
+    with torch.no_grad():
+        torch.testing.assert_close(agg(emb), agg(padded, valid), atol=1e-5, rtol=1e-5)
+
+
+def test_aggregator_context_is_bounded():
+    agg = ContextAggregator(AggregatorConfig(n_tags=2, d_in=4, d_model=8, n_layers=1,
+                                             n_heads=2, max_windows=3))
+    with pytest.raises(ConfigError, match="exceed"):
+        agg(torch.zeros(1, 4, 4))
+
+
+def test_drop_path_only_acts_in_training():
+    torch.manual_seed(0)
+    model = ChunkTagger(tagger_config("debug", 4, drop_path=0.5))
+    x = torch.randn(2, WINDOW_SAMPLES)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], model(x)[0])
+
+
+def test_cnn_only_baseline_mean_pools_the_tokens():
+    cfg = tagger_config("debug", 5, n_layers=0, pooling="mean")
+    logits, emb = ChunkTagger(cfg).eval()(torch.randn(2, WINDOW_SAMPLES))
+    assert logits.shape == (2, 5) and emb.shape == (2, cfg.d_model)
+    with pytest.raises(ConfigError, match="needs transformer layers"):
+        tagger_config("debug", 5, n_layers=0)
+
+
+def test_a_mean_skip_aggregator_starts_as_mean_pooled_window_logits():
+    from rtagger.model.network import aggregator_config
+
+    tagger = ChunkTagger(tagger_config("debug", 5)).eval()
+    agg = ContextAggregator(aggregator_config("debug", 5, tagger.cfg.d_model,
+                                              mean_skip=True)).eval()
+    agg.skip.load_state_dict(tagger.head.state_dict())
+    emb = torch.randn(2, 6, tagger.cfg.d_model)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, 4:] = False
+    with torch.no_grad():
+        out = agg(emb, valid)
+        expected = torch.stack([tagger.head(emb[0]).mean(0), tagger.head(emb[1, :4]).mean(0)])
+    torch.testing.assert_close(out, expected)

@@ -1,0 +1,68 @@
+"""The debug pipeline: every stage of the semi-supervised recipe, end to end, resumable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rtagger.cli.main import app
+from rtagger.model.checkpoint import load_model
+from rtagger.train.pipeline import load_pipeline, run_pipeline
+
+PIPELINE = Path(__file__).resolve().parents[3] / "train" / "recipes" / "pipeline-debug.toml"
+
+pytestmark = pytest.mark.skipif(shutil.which("mma") is None or shutil.which("fluidsynth") is None,
+                                reason="needs mma and fluidsynth (bootstrap --dev installs them)")
+
+
+@pytest.mark.slow
+def test_debug_pipeline_runs_every_stage_and_resumes(tmp_path):
+    run_pipeline(PIPELINE, tmp_path, progress=False)
+    runs = tmp_path / "runs"
+    for stage in ("teacher", "student_expansion", "student", "aggregator"):
+        assert (runs / stage / "best.safetensors").exists(), stage
+    assert sorted(p.name for p in (runs / "pseudo-teacher").glob("shard-*.npz"))
+    final = load_model(runs / "aggregator" / "best.safetensors")
+    assert final.aggregator is not None and final.trained
+    assert final.tagger.cfg == load_model(runs / "student" / "best.safetensors").tagger.cfg
+    assert final.recipe["name"] == "aggregator"
+    report = json.loads((runs / "eval-aggregator" / "metrics.json").read_text())
+    assert {"window", "song/mean", "song/aggregator"} <= set(report["levels"])
+    # the experiment table: mean pooling vs the aggregator of the same model, paired
+    ev = runs / "eval-aggregator"
+    table = tmp_path / "table.md"
+    res = CliRunner().invoke(app, ["train", "compare", str(ev), f"{ev}@song/aggregator",
+                                   "--labels", "mean,aggregator", "--bootstrap", "50",
+                                   "--latency-s", "0.2",
+                                   "--out", str(table)])
+    assert res.exit_code == 0, res.output
+    text = table.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| mean") or
+            line.startswith("| aggregator")]
+    assert len(rows) == 4  # overall table and per-group table
+    assert "reference" in rows[0] and "[" in rows[1]  # delta with its interval
+    assert "MACs/window" in text and "CPU ms/window" in text
+    assert "| model | genre |" in text.split("per tag group")[1]
+    # a second run finds every step done and changes nothing
+    before = {p: p.stat().st_mtime_ns for p in runs.rglob("best.safetensors")}
+    run_pipeline(PIPELINE, tmp_path, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("best.safetensors")} == before
+
+
+def test_pipeline_files_are_valid():
+    for path in PIPELINE.parent.glob("pipeline*.toml"):
+        steps = load_pipeline(path)
+        assert steps and all(Path(s["recipe"]).exists() for s in steps if s["run"] == "train")
+
+
+def test_compare_refuses_an_unfinished_evaluation(tmp_path):
+    from rtagger.errors import ConfigError
+    from rtagger.train.evaluation.compare import load_row
+
+    (tmp_path / "eval").mkdir()
+    with pytest.raises(ConfigError, match=r"not a finished evaluation \(missing \['metrics"):
+        load_row(str(tmp_path / "eval"))
