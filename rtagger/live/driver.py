@@ -27,7 +27,7 @@ import numpy as np
 
 from rtagger.audio.ringbuffer import Window
 from rtagger.engines import Engine
-from rtagger.live.protocol import Start, float32_frame
+from rtagger.live.protocol import Audio, Connection, End, Start, float32_frame
 from rtagger.live.session import StreamSession
 from rtagger.model.checkpoint import TaggingModel
 from rtagger.pipeline.worker import InferenceWorker, Overloaded
@@ -178,10 +178,14 @@ async def tag_live(model: TaggingModel, engine: Engine, blocks: AsyncIterator[np
     aggregator = model.aggregator if aggregation != "mean" else None
     worker = InferenceWorker(engine, aggregator)
     session = StreamSession(stream_id, start, model.tags, aggregator)
+    conn = Connection()  # the server's state machine: start -> audio* -> end
+    conn.event(start)
     driver = SessionDriver(session, worker, emit).start()
     try:
         async for block in blocks:
-            await driver.feed(float32_frame(block))
+            frame = conn.event(Audio(float32_frame(block)))
+            await driver.feed(frame.data)
+        conn.event(End())
         return await driver.end()
     finally:
         await driver.cancel()

@@ -94,6 +94,54 @@ class Subscribe:
     stream_id: str
 
 
+@dataclass(frozen=True)
+class Audio:
+    """One binary frame of PCM, as the ``start`` message announced it."""
+
+    data: bytes
+
+
+class Connection:
+    """One connection's protocol state, Sans-I/O: ``start -> audio* -> end``, or an error.
+
+    A viewer's connection is ``subscribe`` and nothing after it. The websocket server feeds
+    every message it receives to :meth:`receive`; the local ``stream``/``listen`` commands
+    feed their own source's events to :meth:`event`; both get the same typed event back,
+    or the same :class:`ProtocolError` for a message out of order.
+    """
+
+    def __init__(self) -> None:
+        self.state = "idle"  # -> streaming -> ended | watching
+
+    def receive(self, message: str | bytes) -> Start | Subscribe | Audio | End:
+        """A websocket message (text or binary) -> its event, checked against the state."""
+        if isinstance(message, bytes):
+            return self.event(Audio(message))
+        return self.event(parse_text(message))
+
+    def event(self, ev: Start | Subscribe | Audio | End) -> Start | Subscribe | Audio | End:
+        """Advance the state with an already parsed event; raises :class:`ProtocolError`."""
+        if self.state == "idle":
+            if isinstance(ev, Audio):
+                raise ProtocolError("not_started", "binary audio before the start message")
+            if isinstance(ev, End):
+                raise ProtocolError("not_started", "end before start")
+            self.state = "streaming" if isinstance(ev, Start) else "watching"
+        elif self.state == "streaming":
+            if isinstance(ev, Start):
+                raise ProtocolError("already_started", "this connection already streams")
+            if isinstance(ev, Subscribe):
+                raise ProtocolError("bad_message", "subscribe on a streaming connection")
+            if isinstance(ev, End):
+                self.state = "ended"
+        elif self.state == "watching":
+            raise ProtocolError("bad_message", "a viewer's connection sends nothing after "
+                                               "subscribe")
+        else:
+            raise ProtocolError("bad_message", "message after end")
+        return ev
+
+
 def parse_text(text: str | bytes) -> Start | End | Subscribe:
     """Parse one client text frame; raises :class:`ProtocolError`.
 

@@ -46,13 +46,14 @@ from websockets.http11 import Request, Response
 from rtagger.engines import Engine
 from rtagger.live.driver import DEFAULT_MAX_BACKLOG, SessionDriver
 from rtagger.live.protocol import (
+    Audio,
+    Connection,
     End,
     ProtocolError,
     Start,
     Subscribe,
     encode,
     error_msg,
-    parse_text,
     started_msg,
 )
 from rtagger.live.session import StreamSession
@@ -288,15 +289,12 @@ class TagServer:
             except TimeoutError:
                 raise ProtocolError("timeout", f"no message within "
                                     f"{self.config.first_message_timeout_s:g} s") from None
-            if isinstance(first, bytes):
-                raise ProtocolError("not_started", "binary audio before the start message")
-            msg = parse_text(first)
+            conn = Connection()
+            msg = conn.receive(first)
             if isinstance(msg, Start):
-                await self._run_stream(ws, msg)
-            elif isinstance(msg, Subscribe):
+                await self._run_stream(ws, msg, conn)
+            else:  # the state machine lets only start or subscribe open a connection
                 await self._run_subscriber(ws, msg)
-            else:
-                raise ProtocolError("not_started", "end before start")
         except ProtocolError as e:
             log.info("client %s: %s", ws.remote_address, e)
             await _send_error(ws, e.code, e.message,
@@ -312,7 +310,7 @@ class TagServer:
             await _send_error(ws, "internal", "internal error on this stream",
                               close=CLOSE_INTERNAL)
 
-    async def _run_stream(self, ws: ServerConnection, start: Start) -> None:
+    async def _run_stream(self, ws: ServerConnection, start: Start, conn: Connection) -> None:
         if not self.worker.alive:
             raise ProtocolError("unavailable", "this server cannot tag: its inference worker "
                                 f"stopped ({self.worker.health()['reason']}); see /healthz")
@@ -341,11 +339,10 @@ class TagServer:
             await ws.send(encode(started_msg(sid, start, self.model.tags, self._model_info())))
             driver.start()
             async for message in ws:
-                if isinstance(message, bytes):
-                    await driver.feed(message)
-                    continue
-                msg = parse_text(message)
-                if isinstance(msg, End):
+                msg = conn.receive(message)
+                if isinstance(msg, Audio):
+                    await driver.feed(msg.data)
+                elif isinstance(msg, End):
                     await driver.end()  # viewers got the final through emit
                     ended = True
                     # Unregister before the close handshake: a late subscriber must not
@@ -353,9 +350,6 @@ class TagServer:
                     self.streams.pop(sid, None)
                     await ws.close(1000, "stream complete")
                     return
-                if isinstance(msg, Start):
-                    raise ProtocolError("already_started", "this connection already streams")
-                raise ProtocolError("bad_message", "subscribe on a streaming connection")
         finally:
             self.streams.pop(sid, None)
             failure = await driver.cancel()

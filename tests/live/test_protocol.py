@@ -10,6 +10,8 @@ import pytest
 from rtagger.live.protocol import (
     ERROR_CODES,
     MAX_TEXT_BYTES,
+    Audio,
+    Connection,
     End,
     ProtocolError,
     Start,
@@ -136,3 +138,33 @@ def test_validation_survives_python_optimisation(tmp_path):
     out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
     assert out == ["bad_message", "bad_message"]
+
+
+def _code(conn: Connection, message) -> str:
+    with pytest.raises(ProtocolError) as e:
+        conn.receive(message) if isinstance(message, str | bytes) else conn.event(message)
+    return e.value.code
+
+
+def test_connection_state_machine_start_audio_end():
+    conn = Connection()
+    assert isinstance(conn.receive(_start()), Start) and conn.state == "streaming"
+    assert conn.receive(b"\x00\x00") == Audio(b"\x00\x00")
+    assert _code(conn, _start()) == "already_started"
+    assert _code(conn, json.dumps({"type": "subscribe", "stream_id": "a"})) == "bad_message"
+    assert conn.state == "streaming"  # a refused message changes nothing
+    assert isinstance(conn.receive('{"type": "end"}'), End) and conn.state == "ended"
+    assert _code(conn, b"\x00\x00") == "bad_message"
+    assert _code(conn, End()) == "bad_message"
+
+
+def test_connection_refuses_what_cannot_open_a_connection():
+    assert _code(Connection(), b"\x00\x00") == "not_started"
+    assert _code(Connection(), '{"type": "end"}') == "not_started"
+    assert _code(Connection(), "{not json") == "bad_json"
+    viewer = Connection()
+    assert isinstance(viewer.event(Subscribe("a")), Subscribe) and viewer.state == "watching"
+    assert _code(viewer, b"\x00") == "bad_message"
+    local = Connection()  # the local commands drive it with events, as the server does
+    local.event(Start())
+    assert local.event(Audio(b"")) == Audio(b"") and local.state == "streaming"
