@@ -168,3 +168,20 @@ def test_connection_refuses_what_cannot_open_a_connection():
     local = Connection()  # the local commands drive it with events, as the server does
     local.event(Start())
     assert local.event(Audio(b"")) == Audio(b"") and local.state == "streaming"
+
+
+def test_the_published_schema_lists_exactly_the_error_codes():
+    from importlib import resources
+
+    schema = json.loads(resources.files("rtagger.data").joinpath("protocol_v1.schema.json")
+                        .read_text())
+    error = next(v for v in _walk(schema) if isinstance(v, dict)
+                 and v.get("properties", {}).get("type") == {"const": "error"})
+    assert error["properties"]["code"]["enum"] == list(ERROR_CODES)
+
+
+def _walk(node):
+    yield node
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else []
+    for child in children:
+        yield from _walk(child)
