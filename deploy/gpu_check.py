@@ -7,7 +7,7 @@ measures, section by section:
 - ``machine``: GPU, driver, CUDA, cuDNN, torch, CPU;
 - ``parity``: max |delta prob| and |delta embedding| of the torch engine on the device against
   eager fp32 on the CPU, on generated music-like windows, for fp32/fp16/bf16 with and
-  without CUDA graphs, per model size (student = the shipped default, and the paper's
+  without CUDA graphs, per model size (small = the shipped default, and large, the paper's
   teacher size, untrained);
 - ``latency``: p50/p95/p99 of one ``Engine.run`` call and windows/s for batch 1...1024, per
   size and engine variant (fp32, fp16, fp16 + CUDA graphs);
@@ -89,7 +89,7 @@ class CheckSettings:
 
     @property
     def sizes(self) -> tuple[str, ...]:
-        return ("debug",) if self.quick else ("student", "teacher")
+        return ("debug",) if self.quick else ("small", "large")
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -252,18 +252,18 @@ def _driver_version() -> str:
 
 
 def load_size(size: str) -> TaggingModel:
-    """The model measured for a size: the shipped default for ``student``, else untrained."""
-    if size == "student":
+    """The model measured for a size: the shipped default for ``small``, else untrained."""
+    if size == "small":
         try:
             model = load_model("default")
-            student = build_untrained("student").tagger.cfg
+            student = build_untrained("small").tagger.cfg
             # Dropout and stochastic depth are training settings, not the architecture.
             if replace(model.tagger.cfg, dropout=0.0, drop_path=0.0) == replace(
                     student, dropout=0.0, drop_path=0.0):
                 return model
-            log.warning("the default model is not the student size; using untrained:student")
+            log.warning("the default model is not the small size; using untrained:small")
         except Exception as e:  # weights only change parity, never the timings
-            log.warning("default model not loadable (%s); using untrained:student", e)
+            log.warning("default model not loadable (%s); using untrained:small", e)
     return build_untrained(size)
 
 
@@ -493,7 +493,7 @@ def _stream_round(worker: InferenceWorker, model: TaggingModel, pool: np.ndarray
 def streams_section(settings: CheckSettings, deadline: float) -> dict:
     """The live path: N paced streams through one worker, N doubling to the 50 ms p99."""
     _need_device(settings)
-    size = "debug" if settings.quick else "student"
+    size = "debug" if settings.quick else "small"
     model = load_size(size)
     engine = create_engine(model, "torch", settings.device)
     worker = InferenceWorker(engine, model.aggregator)  # the server's defaults
@@ -592,7 +592,7 @@ def training_section(settings: CheckSettings, deadline: float) -> dict:
     from rtagger.train.fit.recipe import load_recipe
 
     recipes = resources.files("rtagger.train") / "recipes"
-    plan = [("student", "student.toml"), ("teacher", "teacher.toml")]
+    plan = [("small", "student.toml"), ("large", "teacher.toml")]
     if settings.quick:
         plan = [("debug", "student.toml")]
     warm, timed = (1, 2) if settings.quick else (5, 20)
@@ -648,7 +648,7 @@ def tensorrt_section(settings: CheckSettings, deadline: float) -> dict:
     reason = unavailable_reason("tensorrt", settings.device)
     if reason is not None:
         raise Unavailable(reason)
-    size = "debug" if settings.quick else "student"
+    size = "debug" if settings.quick else "small"
     model = load_size(size)
     t0 = time.perf_counter()
     engine = create_engine(model, "tensorrt", settings.device, max_batch=64, opt_batch=16,

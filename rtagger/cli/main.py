@@ -58,9 +58,9 @@ def _load_tagger(model: str, device: str, hop: float | None, batch_size: int,
         # No trained default ships yet: run the real pipeline, but never pass random
         # weights off as tags.
         err.print("[yellow]note:[/yellow] no trained default model is bundled with this "
-                  "version; using [bold]untrained:student[/bold]. Its scores are NOT tags. "
+                  "version; using [bold]untrained:small[/bold]. Its scores are NOT tags. "
                   "Pass --model PATH for a trained checkpoint.", highlight=False)
-        model = "untrained:student"
+        model = "untrained:small"
     tagger = Tagger(model, engine=engine, device=device, hop_s=hop, batch_size=batch_size,
                     aggregation=aggregation)
     reason = getattr(tagger.engine, "fallback_reason", None)

@@ -188,7 +188,7 @@ def load_model(path_or_name: str | Path = "default", device: str = "cpu") -> Tag
             raise CheckpointError(
                 "default",
                 "no trained default model is bundled with this version of rtagger; pass "
-                "--model PATH to a checkpoint, or --model untrained:student to exercise "
+                "--model PATH to a checkpoint, or --model untrained:small to exercise "
                 "the pipeline with random weights",
             )
         path_or_name = p

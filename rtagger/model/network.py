@@ -91,28 +91,41 @@ class AggregatorConfig:
                               f"{self.n_heads}")
 
 
+# Sizes are named by size; roles (teacher, student) are what a recipe does with one. "large"
+# is the paper's teacher, "small" the real-time student, "tiny" the CPU experiment's
+# distilled student, "debug" the tests' model.
 SIZES: dict[str, dict] = {
-    "teacher": {"conv_channels": 128, "d_model": 256, "n_layers": 4, "n_heads": 8},
-    "student": {"conv_channels": 32, "d_model": 128, "n_layers": 2, "n_heads": 4},
+    "large": {"conv_channels": 128, "d_model": 256, "n_layers": 4, "n_heads": 8},
+    "small": {"conv_channels": 32, "d_model": 128, "n_layers": 2, "n_heads": 4},
+    "tiny": {"conv_channels": 6, "d_model": 64, "n_layers": 1, "n_heads": 4, "ff_mult": 2},
     "debug": {"conv_channels": 8, "d_model": 32, "n_layers": 1, "n_heads": 2, "ff_mult": 2},
 }
 AGGREGATOR_SIZES: dict[str, dict] = {
-    "teacher": {"d_model": 128, "n_layers": 2, "n_heads": 4},
-    "student": {"d_model": 128, "n_layers": 2, "n_heads": 4},
+    "large": {"d_model": 128, "n_layers": 2, "n_heads": 4},
+    "small": {"d_model": 128, "n_layers": 2, "n_heads": 4},
+    "tiny": {"d_model": 64, "n_layers": 1, "n_heads": 4, "ff_mult": 2},
     "debug": {"d_model": 32, "n_layers": 1, "n_heads": 2, "ff_mult": 2, "max_windows": 16},
 }
+# The role names sizes had before they were named by size.
+RENAMED_SIZES = {"teacher": "large", "student": "small"}
+
+
+def _size(size: str, table: dict[str, dict]) -> dict:
+    if size in RENAMED_SIZES:
+        raise ConfigError(f"model size {size!r} is now called {RENAMED_SIZES[size]!r} (sizes "
+                          f"are named by size: {', '.join(SIZES)})")
+    if size not in table:
+        raise ConfigError(f"unknown model size {size!r}; choose one of {', '.join(SIZES)}")
+    return table[size]
 
 
 def tagger_config(size: str, n_tags: int, **overrides) -> TaggerConfig:
-    if size not in SIZES:
-        raise ConfigError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
-    return TaggerConfig(n_tags=n_tags, **{**SIZES[size], **overrides})
+    return TaggerConfig(n_tags=n_tags, **{**_size(size, SIZES), **overrides})
 
 
 def aggregator_config(size: str, n_tags: int, d_in: int, **overrides) -> AggregatorConfig:
-    if size not in AGGREGATOR_SIZES:
-        raise ConfigError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
-    return AggregatorConfig(n_tags=n_tags, d_in=d_in, **{**AGGREGATOR_SIZES[size], **overrides})
+    return AggregatorConfig(n_tags=n_tags, d_in=d_in,
+                            **{**_size(size, AGGREGATOR_SIZES), **overrides})
 
 
 def config_from_dict(cls, d: dict):

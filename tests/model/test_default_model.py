@@ -26,7 +26,7 @@ def test_the_default_is_bundled_trained_and_documented():
     assert path.stat().st_size < 8 * 2**20  # a few MB inside the package
     model = load_model("default")
     assert model.trained and model.aggregator is not None and model.name == "default"
-    student = SIZES["student"]
+    student = SIZES["small"]
     assert (model.tagger.cfg.conv_channels, model.tagger.cfg.d_model) == (
         student["conv_channels"], student["d_model"])
     card = path.with_name("MODEL_CARD.md").read_text(encoding="utf-8")

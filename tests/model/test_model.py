@@ -30,7 +30,7 @@ def test_chunk_tagger_shapes():
 
 
 def test_paper_teacher_configuration():
-    cfg = tagger_config("teacher", n_tags=50)
+    cfg = tagger_config("large", n_tags=50)
     assert (cfg.conv_channels, cfg.d_model, cfg.n_layers, cfg.n_heads) == (128, 256, 4, 8)
     assert cfg.pools == ((2, 2), (2, 2), (2, 1))
     assert cfg.ff_mult == 4 and cfg.dropout == 0.1
@@ -38,13 +38,13 @@ def test_paper_teacher_configuration():
 
 def test_student_is_at_most_a_tenth_of_the_teacher():
     wave = torch.zeros(1, WINDOW_SAMPLES)
-    teacher = count_macs(ChunkTagger(tagger_config("teacher", 36)), wave)
-    student = count_macs(ChunkTagger(tagger_config("student", 36)), wave)
+    teacher = count_macs(ChunkTagger(tagger_config("large", 36)), wave)
+    student = count_macs(ChunkTagger(tagger_config("small", 36)), wave)
     assert student <= teacher / 10
 
 
 def test_config_round_trip_and_validation():
-    cfg = tagger_config("student", 36, drop_path=0.1)
+    cfg = tagger_config("small", 36, drop_path=0.1)
     assert config_from_dict(TaggerConfig, config_to_dict(cfg)) == cfg
     with pytest.raises(ConfigError, match="no fields"):
         config_from_dict(TaggerConfig, {**config_to_dict(cfg), "bogus": 1})
@@ -102,3 +102,14 @@ def test_a_mean_skip_aggregator_starts_as_mean_pooled_window_logits():
         out = agg(emb, valid)
         expected = torch.stack([tagger.head(emb[0]).mean(0), tagger.head(emb[1, :4]).mean(0)])
     torch.testing.assert_close(out, expected)
+
+
+def test_sizes_are_named_by_size_and_old_role_names_say_so():
+    from rtagger.errors import ConfigError
+    from rtagger.model.network import SIZES
+
+    assert list(SIZES) == ["large", "small", "tiny", "debug"]
+    with pytest.raises(ConfigError, match="'student' is now called 'small'"):
+        tagger_config("student", 36)
+    with pytest.raises(ConfigError, match="unknown model size 'huge'"):
+        tagger_config("huge", 36)

@@ -26,7 +26,7 @@ STAGES = ("tagger", "aggregator")
 
 @dataclass(frozen=True)
 class ModelSection:
-    size: str = "student"  # teacher | student | debug (rtagger.model.network.SIZES)
+    size: str = "small"  # large | small | tiny | debug (rtagger.model.network.SIZES)
     dropout: float = 0.1
     drop_path: float = 0.0  # stochastic depth: noise for the noisy student
     init: str | None = None  # checkpoint: the aggregator's frozen tagger, or a tagger's warm start
@@ -169,8 +169,13 @@ _ARCH_FIXED = {"tagger": {"n_tags", "dropout", "drop_path"},
 
 
 def _validate_arch(r: Recipe, where: str) -> None:
-    from rtagger.model.network import AggregatorConfig, TaggerConfig
+    from rtagger.model.network import SIZES, AggregatorConfig, TaggerConfig, tagger_config
 
+    if r.model.size not in SIZES:
+        try:
+            tagger_config(r.model.size, 1)  # says what the size is called now, or lists sizes
+        except ConfigError as e:
+            raise ConfigError(f"{where}: model.size: {e}") from None
     cls = TaggerConfig if r.stage == "tagger" else AggregatorConfig
     allowed = sorted({f.name for f in fields(cls)} - _ARCH_FIXED[r.stage])
     unknown = sorted(set(r.model.arch) - set(allowed))

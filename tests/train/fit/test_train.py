@@ -162,8 +162,10 @@ def test_recipe_errors_are_specific(tmp_path):
     with pytest.raises(ConfigError, match=r"needs data\.pseudo"):
         load_recipe(p)
     p.write_text('name = "x"\n')
-    r = load_recipe(p, ["optim.lr=0.01", "model.size=teacher"])
-    assert r.optim.lr == 0.01 and r.model.size == "teacher"
+    r = load_recipe(p, ["optim.lr=0.01", "model.size=large"])
+    with pytest.raises(ConfigError, match="model.size: model size 'teacher' is now called"):
+        load_recipe(p, ["model.size=teacher"])
+    assert r.optim.lr == 0.01 and r.model.size == "large"
     with pytest.raises(ConfigError, match=r"no such file"):
         load_recipe(tmp_path / "missing.toml")
 
