@@ -52,7 +52,8 @@ import numpy as np
 import torch
 
 from rtagger.atomic import atomic_write
-from rtagger.audio.decode import DEFAULT_LIVE_HOP_S, SAMPLE_RATE, WINDOW_S, WINDOW_SAMPLES
+from rtagger.audio.decode import DEFAULT_LIVE_HOP_S, WINDOW_S, WINDOW_SAMPLES
+from rtagger.audio.signals import music_windows
 from rtagger.bench.throughput import machine_info
 from rtagger.engines import create_engine, unavailable_reason
 from rtagger.model.checkpoint import TaggingModel, build_untrained, load_model
@@ -98,71 +99,6 @@ class CheckSettings:
     @property
     def on_cuda(self) -> bool:
         return self.device.startswith("cuda")
-
-
-# --- signals ------------------------------------------------------------------------------
-
-
-def music_windows(n: int, seed: int = 0) -> np.ndarray:
-    """``n`` music-like windows, ``(n, WINDOW_SAMPLES)`` float32 at 16 kHz, each its own 'song'.
-
-    Kick, snare and hi-hat on a beat grid at 80-160 BPM, a bass line and chords of decaying
-    partials in a random key and mode, a faint noise floor, the mix peaking at -20 to -1
-    dBFS. Real windows spread energy over the whole mel range like this, so fp16 error is
-    measured where real audio puts it (a single chord leaves most bands at the floor).
-    """
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, WINDOW_SAMPLES), np.float32)
-    for i in range(n):
-        out[i] = _one_window(rng)
-    return out
-
-
-def _one_window(rng: np.random.Generator) -> np.ndarray:
-    sr, n = SAMPLE_RATE, WINDOW_SAMPLES
-    x = 0.003 * rng.standard_normal(n)
-    beat = 60.0 / rng.uniform(80, 160)
-    root = 55.0 * 2 ** (rng.integers(0, 12) / 12)
-    third = 4 if rng.random() < 0.5 else 3  # major or minor
-    scale = np.array([0, 2, third, 5, 7, 9 if third == 4 else 8, 10 if third == 3 else 11])
-
-    def add(start_s: float, sig: np.ndarray) -> None:
-        s = int(start_s * sr)
-        if s >= n:
-            return
-        seg = sig[: n - s]
-        x[s : s + seg.size] += seg
-
-    def tone(freq: float, dur_s: float, decay_s: float, partials: int, amp: float):
-        t = np.arange(int(dur_s * sr)) / sr
-        wave = sum(np.sin(2 * np.pi * freq * (k + 1) * t) / (k + 1) for k in range(partials))
-        return amp * np.exp(-t / decay_s) * wave
-
-    def noise(dur_s: float, decay_s: float, amp: float, bright: bool):
-        m = int(dur_s * sr)
-        z = rng.standard_normal(m + 1)
-        z = np.diff(z) if bright else z[:m]  # differencing tilts the noise to high bands
-        return amp * np.exp(-np.arange(m) / (decay_s * sr)) * z
-
-    offset = rng.uniform(0, beat)
-    for k, start in enumerate(np.arange(-offset, WINDOW_S, beat / 2)):  # eighth notes
-        on_beat = k % 2 == 0
-        s = max(start, 0.0)
-        add(s, noise(0.05, 0.015, 0.08, bright=True))  # hi-hat
-        if not on_beat:
-            continue
-        t = np.arange(int(0.25 * sr)) / sr
-        add(s, 0.7 * np.exp(-t / 0.08) * np.sin(2 * np.pi * (50 + 70 * np.exp(-t / 0.03)) * t))
-        if (k // 2) % 2 == 1:
-            add(s, noise(0.2, 0.06, 0.25, bright=False))  # snare
-        add(s, tone(root * 2 ** (scale[rng.integers(0, 7)] / 12), beat, 0.3, 4, 0.25))
-        if (k // 2) % 2 == 0:  # a chord every two beats
-            degree = rng.integers(0, 7)
-            for j in (0, 2, 4):
-                semis = scale[(degree + j) % 7] + 12 * ((degree + j) // 7) + 24
-                add(s, tone(root * 2 ** (semis / 12), 2 * beat, 0.8, 3, 0.08))
-    peak = float(np.max(np.abs(x))) or 1.0
-    return (x / peak * 10 ** (rng.uniform(-20, -1) / 20)).astype(np.float32)
 
 
 # --- report ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 import typer
 
 from rtagger.audio.decode import SAMPLE_RATE
+from rtagger.audio.signals import music_like
 
 # (extension, codec, encoder sample format); all are FFmpeg encoders that PyAV ships.
 FORMATS = [
@@ -31,26 +32,6 @@ def cli_with(register) -> typer.Typer:
         pass
 
     return app
-
-
-def music_like(seconds: float, sr: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:
-    """A short deterministic 'song': chords of decaying partials, clicks and some noise."""
-    rng = np.random.default_rng(seed)
-    n = int(seconds * sr)
-    t = np.arange(n) / sr
-    x = np.zeros(n, np.float64)
-    beat = int(0.5 * sr)
-    for i, start in enumerate(range(0, n, beat)):
-        f0 = 220.0 * 2 ** (rng.integers(0, 12) / 12)
-        seg = slice(start, min(n, start + beat))
-        tt = t[seg] - t[start]
-        env = np.exp(-3.0 * tt)
-        for k, ratio in enumerate((1.0, 1.25, 1.5, 2.0)):
-            x[seg] += 0.12 / (k + 1) * env * np.sin(2 * np.pi * f0 * ratio * tt)
-        if i % 2 == 0:  # kick-like click on every other beat
-            x[seg][: 400] += 0.4 * np.exp(-np.arange(min(400, len(tt))) / 60.0)
-    x += 0.01 * rng.standard_normal(n)
-    return np.clip(x, -1, 1).astype(np.float32)
 
 
 def write_audio(path: Path, samples: np.ndarray, sr: int, codec: str, sample_fmt: str,

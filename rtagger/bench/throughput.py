@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from rtagger.audio.decode import DEFAULT_LIVE_HOP_S, SAMPLE_RATE, WINDOW_S, WINDOW_SAMPLES
+from rtagger.audio.signals import music_like
 from rtagger.engines import ENGINES, available_engines, create_engine, unavailable_reason
 from rtagger.errors import ConfigError, EngineUnavailable, RtaggerError
 from rtagger.model.checkpoint import TaggingModel, load_model
@@ -93,23 +94,6 @@ class BenchSettings:
 # --- measuring ----------------------------------------------------------------------------
 
 
-def synthetic_music(seconds: float, seed: int = 0) -> np.ndarray:
-    """A deterministic music-like signal: decaying chords on a beat grid over faint noise."""
-    rng = np.random.default_rng(seed)
-    n = int(seconds * SAMPLE_RATE)
-    x = 0.01 * rng.standard_normal(n)
-    beat = SAMPLE_RATE // 2
-    t = np.arange(beat) / SAMPLE_RATE
-    env = np.exp(-4.0 * t)
-    for start in range(0, n, beat):
-        f0 = 110.0 * 2 ** (rng.integers(0, 24) / 12)
-        note = sum(np.sin(2 * np.pi * f0 * r * t) / (k + 1)
-                   for k, r in enumerate((1.0, 1.26, 1.5, 2.0)))
-        seg = x[start : start + beat]
-        seg += 0.15 * (env * note)[: seg.size]
-    return np.clip(x, -1, 1).astype(np.float32)
-
-
 class _Timer:
     """Seconds taken by ``fn()``: perf_counter on CPU, CUDA events on a GPU."""
 
@@ -134,7 +118,7 @@ class _Timer:
 def measure_latency(engine, batch: int, settings: BenchSettings,
                     tick: Callable[[], None] | None = None) -> dict:
     """Time ``engine.run`` on ``batch`` generated windows; percentiles in milliseconds."""
-    signal = synthetic_music(batch * WINDOW_S + 0.1, seed=batch)
+    signal = music_like(batch * WINDOW_S + 0.1, seed=batch)
     windows = signal[: batch * WINDOW_SAMPLES].reshape(batch, WINDOW_SAMPLES)
     timer = _Timer(engine.device)
 
@@ -177,7 +161,7 @@ def measure_offline(model: TaggingModel, engine, seconds: float,
     # Reuse the engine already built and warmed for the latency runs (an ONNX export or a
     # TensorRT load is not part of tagging speed).
     tagger.engine = engine
-    signal = synthetic_music(seconds, seed=7)
+    signal = music_like(seconds, seed=7)
     tagger.tag_array(signal[: 2 * WINDOW_SAMPLES])  # warm-up, incl. the aggregator
     walls: list[float] = []
     deadline = time.perf_counter() + budget_s

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 import typer
-from conftest import cli_with, music_like, pretend_tensorrt_fails
+from conftest import cli_with, pretend_tensorrt_fails
 from typer.testing import CliRunner
 
 from rtagger.audio.decode import WINDOW_SAMPLES
+from rtagger.audio.signals import music_like
 from rtagger.deploy.cli import register
 from rtagger.deploy.export import export_model
 from rtagger.engines.exported import (

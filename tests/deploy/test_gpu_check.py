@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from rtagger.audio.decode import WINDOW_SAMPLES
+from rtagger.audio.signals import music_windows
 from rtagger.deploy import gpu_check
-from rtagger.deploy.gpu_check import CheckSettings, Unavailable, music_windows
+from rtagger.deploy.gpu_check import CheckSettings, Unavailable
 
 SECTION_NAMES = ["machine", "parity", "latency", "streams", "training", "tensorrt"]
 # Not in a bare GPU image (device README): the check must run without them.

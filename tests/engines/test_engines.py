@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import music_like, pretend_tensorrt_fails
+from conftest import pretend_tensorrt_fails
 
 from rtagger import engines as engines_module
 from rtagger.audio.decode import WINDOW_SAMPLES
+from rtagger.audio.signals import music_like
 from rtagger.engines import AUTO_ORDER, available_engines, create_engine, unavailable_reason
 from rtagger.errors import ConfigError, EngineUnavailable
 

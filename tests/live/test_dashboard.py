@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import music_like
 from websockets.asyncio.client import connect
 
 from rtagger.audio.decode import SAMPLE_RATE
 from rtagger.audio.ringbuffer import Windower
+from rtagger.audio.signals import music_like
 from rtagger.engines import create_engine
 from rtagger.live.client import stream_to_server
 from rtagger.live.server import ServerConfig, TagServer

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import music_like
 
 from rtagger.audio.decode import FRAMES_PER_WINDOW, N_MELS, WINDOW_SAMPLES
+from rtagger.audio.signals import music_like
 from rtagger.model.features import LogMel, mel_filterbank
 
 librosa = pytest.importorskip("librosa")

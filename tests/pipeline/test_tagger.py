@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import music_like, pretend_tensorrt_fails
+from conftest import pretend_tensorrt_fails
 
 from rtagger.audio.decode import SAMPLE_RATE, load_audio
+from rtagger.audio.signals import music_like
 from rtagger.errors import ConfigError
 from rtagger.pipeline.aggregate import TrackContext
 from rtagger.pipeline.tagger import Tagger

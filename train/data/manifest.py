@@ -16,7 +16,6 @@ scores measure artist recognition as much as tagging.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from rtagger.errors import RtaggerError
+from rtagger.train.data.jsonl import JsonlAppender, JsonlError, read_records
 
 log = logging.getLogger(__name__)
 
@@ -170,44 +170,24 @@ def track_from_dict(obj: object, base_dir: str | Path, source: str, line: int) -
 
 
 class ManifestWriter:
-    """Append JSONL records one flushed line at a time (safe to kill and resume)."""
+    """Append tracks to a JSONL manifest, one flushed line each (safe to kill and resume)."""
 
     def __init__(self, path: str | Path, *, append: bool = False) -> None:
         self.path = Path(path)
         self.base_dir = self.path.parent.absolute()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if append:
-            _drop_partial_last_line(self.path)
-        self._f = open(self.path, "a" if append else "w", encoding="utf-8")
+        self._log = JsonlAppender(self.path, append=append)
 
     def write(self, track: Track) -> None:
-        line = json.dumps(track_to_dict(track, self.base_dir), ensure_ascii=False)
-        self._f.write(line + "\n")
-        # A line reaches the OS as soon as it is written, so a killed build loses at most one.
-        self._f.flush()
+        self._log.write(track_to_dict(track, self.base_dir))
 
     def close(self) -> None:
-        self._f.close()
+        self._log.close()
 
     def __enter__(self) -> ManifestWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _drop_partial_last_line(path: Path) -> None:
-    """Cut a line a killed writer left without its newline, so appending stays valid."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
-        return
-    keep = data.rfind(b"\n") + 1
-    log.warning("%s: dropping a truncated last line (%d bytes) before appending",
-                path, len(data) - keep)
-    with open(path, "r+b") as f:
-        f.truncate(keep)
 
 
 def read_manifest(path: str | Path) -> list[Track]:
@@ -230,22 +210,11 @@ def read_manifest(path: str | Path) -> list[Track]:
 
 def _read_jsonl(path: Path) -> list[Track]:
     base = path.parent.absolute()
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    tracks = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            # Only the very last line, with no newline after it, can be a killed writer's.
-            if lineno == len(lines) and not text.endswith("\n"):
-                log.warning("%s:%d: ignoring truncated last line (%s)", path, lineno, e.msg)
-                break
-            raise DatasetError(path, f"invalid JSON ({e.msg})", lineno) from None
-        tracks.append(track_from_dict(obj, base, str(path), lineno))
-    return tracks
+    try:
+        records = read_records(path)
+    except JsonlError as e:
+        raise DatasetError(path, e.reason, e.line) from None
+    return [track_from_dict(obj, base, str(path), lineno) for lineno, obj in records]
 
 
 def _read_csv(path: Path) -> list[Track]:

@@ -12,19 +12,21 @@ boundaries per hour of audio.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from rtagger.atomic import atomic_path
 from rtagger.audio.decode import SAMPLE_RATE, WINDOW_SAMPLES, load_audio
+from rtagger.audio.encode import write_flac
 from rtagger.live.protocol import Start
 from rtagger.live.session import StreamSession
 from rtagger.model.checkpoint import TaggingModel, load_model
 from rtagger.pipeline.session import SegmenterConfig
 from rtagger.pipeline.tagger import Tagger
+from rtagger.train.data.jsonl import JsonlAppender, read_records
 from rtagger.train.data.manifest import Track
 from rtagger.train.progress import Bar
 
@@ -68,7 +70,7 @@ def build_mixes(tracks: list[Track], out_dir: str | Path, n_mixes: int, *,
         plans.append((f"mix-{i:03d}.flac", [tracks[j] for j in picks], fades))
     bar = Bar("building mixes", n_mixes, enabled=progress)
     mixes = []
-    with (out / "mixes.jsonl").open("a") as index:
+    with JsonlAppender(out / "mixes.jsonl") as index:
         for name, picked, fades in plans:
             if name in done:
                 mixes.append(done[name])
@@ -81,25 +83,16 @@ def build_mixes(tracks: list[Track], out_dir: str | Path, n_mixes: int, *,
                 n = min(int(fade_s * SAMPLE_RATE), len(audio), len(nxt))
                 bounds.append((len(audio) - n / 2) / SAMPLE_RATE)
                 audio = _crossfade(audio, nxt, n)
-            _write_flac(out / name, audio)
+            with atomic_path(out / name) as tmp:  # a mix file exists only when complete
+                write_flac(tmp, audio)
             mix = Mix(out / name, [round(b, 3) for b in bounds], len(audio) / SAMPLE_RATE,
                       [t.id for t in picked])
-            index.write(json.dumps({"path": name, "boundaries_s": mix.boundaries_s,
-                                    "duration_s": mix.duration_s,
-                                    "track_ids": mix.track_ids}) + "\n")
-            index.flush()
+            index.write({"path": name, "boundaries_s": mix.boundaries_s,
+                         "duration_s": mix.duration_s, "track_ids": mix.track_ids})
             mixes.append(mix)
             bar.advance()
     bar.close()
     return mixes
-
-
-def _write_flac(path: Path, samples: np.ndarray) -> None:
-    from rtagger.train.synth.songs import write_flac
-
-    tmp = path.with_suffix(".part.flac")
-    write_flac(tmp, samples)
-    tmp.replace(path)  # a mix file exists only when complete
 
 
 def boundary_scores(true_s: list[float], found_s: list[float], duration_s: float,
@@ -209,12 +202,5 @@ def _as_window(w):
 def read_mixes(out_dir: str | Path) -> list[Mix]:
     out = Path(out_dir)
     index = out / "mixes.jsonl"
-    if not index.exists():
-        return []
-    mixes = []
-    for line in index.read_text().splitlines():
-        if line.strip():
-            d = json.loads(line)
-            mixes.append(Mix(out / d["path"], d["boundaries_s"], d["duration_s"],
-                             d["track_ids"]))
-    return mixes
+    return [Mix(out / d["path"], d["boundaries_s"], d["duration_s"], d["track_ids"])
+            for _, d in read_records(index) if (out / d["path"]).is_file()]

@@ -48,9 +48,11 @@ from typing import Any
 import mido
 import numpy as np
 
-from rtagger.atomic import atomic_write
+from rtagger.atomic import atomic_path, atomic_write
 from rtagger.audio.decode import SAMPLE_RATE
-from rtagger.errors import RtaggerError
+from rtagger.audio.encode import write_flac
+from rtagger.errors import AudioError, RtaggerError
+from rtagger.train.data.jsonl import JsonlAppender, JsonlError, read_records
 from rtagger.train.synth import midi as sm
 from rtagger.train.synth.midi import window_labels
 
@@ -723,24 +725,6 @@ def _resample_mono(stereo: np.ndarray, rate_hz: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
-def write_flac(path: Path, samples: np.ndarray) -> None:
-    """16-bit mono FLAC at :data:`SAMPLE_RATE` (``path`` may have any extension)."""
-    import av
-
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype(np.int16)
-    try:
-        with av.open(str(path), "w", format="flac") as container:
-            stream = container.add_stream("flac", rate=SAMPLE_RATE, layout="mono")
-            frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-            frame.sample_rate = SAMPLE_RATE
-            for packet in stream.encode(frame):
-                container.mux(packet)
-            for packet in stream.encode(None):
-                container.mux(packet)
-    except av.FFmpegError as err:
-        raise SynthError(f"{path}: FLAC encoding failed: {err}") from err
-
-
 def check_audio_file(path: Path, expected_samples: int) -> float:
     """Decode ``path`` back; it must be 16 kHz mono with every sample. Returns seconds."""
     import av
@@ -782,12 +766,14 @@ def synthesize_song(
         timeline = sm.timeline_from_analysis(info)
         samples = render_audio(midi_path, plan.soundfont, timeline["duration"], work,
                                render_rate_hz)
-        part = out_dir / f"{audio_rel}.part"
-        write_flac(part, samples)
-        seconds = check_audio_file(part, len(samples))
-        shutil.copyfile(midi_path, out_dir / f"{midi_rel}.part")
-        os.replace(out_dir / f"{midi_rel}.part", out_dir / midi_rel)
-        os.replace(part, out_dir / audio_rel)
+        with atomic_path(out_dir / midi_rel) as part:
+            shutil.copyfile(midi_path, part)
+        with atomic_path(out_dir / audio_rel) as part:
+            try:
+                write_flac(part, samples)
+            except AudioError as err:
+                raise SynthError(str(err)) from err
+            seconds = check_audio_file(part, len(samples))
     return {
         "id": plan.id,
         "path": audio_rel,
@@ -891,27 +877,13 @@ def check_tools(soundfonts: Sequence[str | Path] | None = None) -> None:
 
 
 def _read_done(manifest: Path) -> dict[int, dict[str, Any]]:
-    """Finished songs by index; cuts a line a killed build left half-written."""
-    if not manifest.exists():
-        return {}
-    data = manifest.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        log.warning("%s: dropping a truncated last line (%d bytes)", manifest, len(data) - keep)
-        with open(manifest, "r+b") as f:
-            f.truncate(keep)
-        data = data[:keep]
-    done = {}
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SynthError(f"{manifest}:{n}: not JSON ({err})") from err
-        if (manifest.parent / rec["path"]).is_file():
-            done[int(rec["index"])] = rec
-    return done
+    """Finished songs by index: records whose audio file is there."""
+    try:
+        records = read_records(manifest)
+    except JsonlError as err:
+        raise SynthError(str(err)) from err
+    return {int(rec["index"]): rec for _, rec in records
+            if (manifest.parent / rec["path"]).is_file()}
 
 
 def _check_config(out_dir: Path, config: dict[str, Any]) -> None:
@@ -926,12 +898,6 @@ def _check_config(out_dir: Path, config: dict[str, Any]) -> None:
             )
     else:
         path.write_text(json.dumps(config, indent=1) + "\n", encoding="utf-8")
-
-
-def _append_line(f: Any, record: dict[str, Any]) -> None:
-    f.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
-    f.flush()
-    os.fsync(f.fileno())  # the line is on disk before the song counts as done
 
 
 def run_build(
@@ -963,8 +929,8 @@ def run_build(
         "max_s": max_s, "soundfonts": [str(f) for f in fonts],
         "force_structure": force_structure, "render_rate_hz": render_rate_hz,
     })
-    for stale in [*out.glob("audio/*.part"), *out.glob("midi/*.part")]:
-        stale.unlink()  # left by a killed build
+    for stale in [*out.glob("audio/.*.tmp"), *out.glob("midi/.*.tmp")]:
+        stale.unlink()  # left by a killed build (atomic_path temporaries)
     shutil.rmtree(out / SCRATCH_DIR, ignore_errors=True)
     manifest = out / "manifest.jsonl"
     done = _read_done(manifest)
@@ -977,7 +943,7 @@ def run_build(
         for i in todo
     ]
     start = time.perf_counter()
-    with open(manifest, "a", encoding="utf-8") as f, _progress(progress) as bar:
+    with JsonlAppender(manifest, durable=True) as f, _progress(progress) as bar:
         task = bar.add_task(f"synth {split}", total=n_songs, completed=result.skipped)
 
         def finish(index: int, record: dict[str, Any] | None, problems: list[str]) -> None:
@@ -987,7 +953,7 @@ def run_build(
                 result.failed.append((index, "; ".join(problems)))
                 log.error("song %d failed %d attempts; left out", index, MAX_ATTEMPTS)
             else:
-                _append_line(f, record)
+                f.write(record)  # on disk before the song counts as done
                 done[index] = record
                 result.rendered += 1
                 result.audio_s += record["duration"]

@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import torch
 import typer
-from conftest import music_like, write_audio
+from conftest import write_audio
 from typer.testing import CliRunner
 
 from rtagger.audio.decode import FRAMES_PER_WINDOW, HOP_LENGTH, SAMPLE_RATE, WINDOW_SAMPLES
+from rtagger.audio.signals import music_like
 from rtagger.model.features import LogMel
 from rtagger.train.data import cache
 from rtagger.train.data import cli as data_cli

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import music_like, write_audio
+from conftest import write_audio
 
 from rtagger.audio.decode import SAMPLE_RATE, load_audio
+from rtagger.audio.signals import music_like
 from rtagger.model.checkpoint import save_model
 from rtagger.train.data.manifest import Track
 from rtagger.train.evaluation.mixes import (

@@ -7,9 +7,10 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import music_like, write_audio
+from conftest import write_audio
 
 from rtagger.audio.decode import SAMPLE_RATE, WINDOW_SAMPLES
+from rtagger.audio.signals import music_like
 from rtagger.errors import ConfigError
 from rtagger.model.checkpoint import build_untrained, save_model
 from rtagger.train.data.cache import FeatureCache, build_cache

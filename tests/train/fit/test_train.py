@@ -163,7 +163,7 @@ def test_recipe_errors_are_specific(tmp_path):
         load_recipe(p)
     p.write_text('name = "x"\n')
     r = load_recipe(p, ["optim.lr=0.01", "model.size=large"])
-    with pytest.raises(ConfigError, match="model.size: model size 'teacher' is now called"):
+    with pytest.raises(ConfigError, match=r"model\.size: model size 'teacher' is now called"):
         load_recipe(p, ["model.size=teacher"])
     assert r.optim.lr == 0.01 and r.model.size == "large"
     with pytest.raises(ConfigError, match=r"no such file"):
