@@ -38,7 +38,7 @@ from rtagger.model.network import (
     config_to_dict,
     tagger_config,
 )
-from rtagger.model.vocab import tag_groups_v1, tags_v1
+from rtagger.model.vocab import tag_groups, tags_v1, vocabulary_version
 
 FORMAT = "rtagger-checkpoint"
 FORMAT_VERSION = 2  # 2: tags_sha256 (format 1 files load with a warning, tags unverified)
@@ -110,7 +110,14 @@ class TaggingModel:
             "rtagger_version": _version(),
             "weights_sha256": self.weights_sha256,
             "tags_sha256": tags_sha256(self.tags),
+            # "v1"/"v2" (rtagger.model.vocab) or None: a custom list, e.g. a platform's head
+            "vocabulary": self.vocabulary,
         }
+
+    @property
+    def vocabulary(self) -> str | None:
+        """The bundled vocabulary these tags are exactly (``"v1"``, ``"v2"``), else None."""
+        return vocabulary_version(self.tags)
 
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -132,7 +139,6 @@ def build_untrained(size: str, tags: list[str] | None = None, seed: int = 0,
                     with_aggregator: bool = True) -> TaggingModel:
     """A randomly initialised model of a named size (deterministic from ``seed``)."""
     tags = list(tags) if tags is not None else tags_v1()
-    groups = tag_groups_v1()
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -142,7 +148,7 @@ def build_untrained(size: str, tags: list[str] | None = None, seed: int = 0,
             agg = ContextAggregator(aggregator_config(size, len(tags), tagger.cfg.d_model))
     finally:
         torch.random.set_rng_state(gen_state)
-    model = TaggingModel(tagger, agg, tags, {t: groups.get(t, "") for t in tags},
+    model = TaggingModel(tagger, agg, tags, tag_groups(tags),
                          name=f"{UNTRAINED_PREFIX}{size}", trained=False)
     model.weights_sha256 = weights_sha256(model.state_dict())
     return model.eval()
