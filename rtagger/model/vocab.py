@@ -59,6 +59,16 @@ def sources_v2() -> dict[str, tuple[str, ...]]:
     return {t: s for t, _, s, _ in _v2_rows()}
 
 
+def vocabulary_tags(version: str) -> list[str]:
+    """The tag list of a bundled vocabulary by version (``"v1"``, ``"v2"``)."""
+    tables = {"v1": tags_v1, "v2": tags_v2}
+    if version not in tables:
+        from rtagger.errors import ConfigError
+
+        raise ConfigError(f"unknown vocabulary {version!r}; choose one of {', '.join(tables)}")
+    return tables[version]()
+
+
 def vocabulary_version(tags: list[str]) -> str | None:
     """``"v1"`` or ``"v2"`` when ``tags`` is exactly that vocabulary, else None (custom)."""
     if list(tags) == tags_v2():

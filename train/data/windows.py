@@ -75,12 +75,26 @@ def cached_only(tracks: list[Track], cache: FeatureCache, what: str) -> list[Tra
 
 
 class LabelledWindows:
-    """Random crops of labelled songs; each crop's target is its song's tags."""
+    """Random crops of labelled songs; each crop's target is its song's tags.
 
-    def __init__(self, tracks: list[Track], cache: FeatureCache, tags: list[str]) -> None:
+    ``defined``: the tags the songs' labels decide (present or absent); the others are
+    NaN (no label, masked by the loss) unless ``teacher`` gives the song a soft target
+    for them (path -> ``(len(tags),)`` song mean of a teacher's window probabilities).
+    """
+
+    def __init__(self, tracks: list[Track], cache: FeatureCache, tags: list[str], *,
+                 defined: list[str] | None = None,
+                 teacher: dict[str, np.ndarray] | None = None) -> None:
         self.tracks = cached_only(tracks, cache, "labelled data")
         self.cache = cache
         self.targets = multi_hot(self.tracks, tags)
+        if defined is not None:
+            undefined = np.array([t not in set(defined) for t in tags])
+            self.targets[:, undefined] = np.nan
+            for r, tr in enumerate(self.tracks):
+                soft = (teacher or {}).get(tr.path)
+                if soft is not None:
+                    self.targets[r, undefined] = soft[undefined]
         self.lengths = np.array([round(cache.duration(t) * SAMPLE_RATE) for t in self.tracks])
 
     def __len__(self) -> int:
@@ -143,7 +157,7 @@ class PseudoWindows:
 
     def song_targets(self) -> dict[str, np.ndarray]:
         """Song-level soft targets: the mean teacher probability over each song's windows."""
-        sums: dict[str, np.ndarray] = {}
+        sums: dict[str, np.ndarray] = {}  # a tag no teacher labels stays NaN
         counts: dict[str, int] = {}
         for ref, p in zip(self.refs, self.probs, strict=True):
             sums[ref] = sums.get(ref, 0) + p

@@ -105,6 +105,21 @@ def lr_at(step: int, recipe: Recipe) -> float:
     return o.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy over the targets that exist.
+
+    A NaN target means "no source labels this tag for this example" (a real recording has
+    no synthetic rule; a teacher does not know mode): it adds nothing to the loss or its
+    gradient. Without NaNs this is exactly ``binary_cross_entropy_with_logits``.
+    """
+    known = ~torch.isnan(targets)
+    if bool(known.all()):
+        return nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    per = nn.functional.binary_cross_entropy_with_logits(
+        logits, torch.where(known, targets, torch.zeros_like(targets)), reduction="none")
+    return (per * known).sum() / known.sum().clamp(min=1)
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
@@ -148,7 +163,7 @@ def train(task: Task, recipe: Recipe, out_dir: str | Path, *, progress: bool = T
         inputs, targets = _to(inputs, dev), targets.to(dev, non_blocking=True)
         with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
             logits = task.loss_inputs(ddp, inputs, gen)
-        loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
+        loss = masked_bce(logits.float(), targets)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{recipe.name}: loss is {loss.item()} at step "
                                      f"{state.step}; lower optim.lr or check the data")

@@ -1,7 +1,8 @@
 """Pseudo-labels: a teacher tags every window of the unlabelled pool with soft probabilities.
 
 Output: ``shard-00000.npz`` files, each holding the windows of a fixed group of tracks
-(track path, start sample, teacher probabilities as float16) and a ``meta`` JSON recording
+(track path, start sample, teacher probabilities as float16, NaN where an ensemble has no
+label for a tag) and a ``meta`` JSON recording
 everything its content depends on: the teacher's weights checksum, tag list, hop and window
 length, and the shard's tracks (id, path and cached audio content key) with their digest.
 Shards are written atomically, so a killed run resumes by skipping finished shards. On
@@ -115,25 +116,50 @@ def _stale_reason(path: Path, old: dict, new: dict) -> str | None:
     return "its tracks changed: " + ("; ".join(p for p in parts if p) or "order differs")
 
 
-def pseudo_label(teacher: str | Path, tracks: list[Track], cache_dir: str | Path,
+class _CheckpointLabeller:
+    """One rtagger checkpoint as a teacher: sigmoid of its window tagger."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.tags = list(model.tags)
+        self.sha256 = model.weights_sha256
+        self.members = [{"name": model.name, "sha256": model.weights_sha256}]
+
+    @torch.inference_mode()
+    def __call__(self, waves: torch.Tensor) -> np.ndarray:
+        logits, _ = self.model.tagger(waves)
+        return torch.sigmoid(logits).float().cpu().numpy()
+
+
+def pseudo_label(teacher: str | Path | None, tracks: list[Track], cache_dir: str | Path,
                  out_dir: str | Path, *, hop_s: float = WINDOW_S, device: str | None = None,
-                 progress: bool = True) -> PseudoReport:
+                 progress: bool = True, musicnn: tuple[str | Path, ...] = ()) -> PseudoReport:
     """Label all windows of ``tracks`` with ``teacher``; resumable and shardable.
 
-    ``hop_s`` is the hop between window starts in seconds. Raises :class:`ConfigError`
-    when ``out_dir`` holds shards of another teacher, tag list, hop or window length.
+    ``hop_s`` is the hop between window starts in seconds. With ``musicnn`` (converted
+    musicnn teacher files), the labels are the multi-source ensemble's over vocabulary v2
+    (:mod:`rtagger.train.teachers.ensemble`; ``teacher``, if given, supplies v1's tags),
+    NaN where no member labels a tag. Raises :class:`ConfigError` when ``out_dir`` holds
+    shards of another teacher, tag list, hop or window length.
     """
     info = init_distributed()
     dev = device or (f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
-    model = load_model(teacher, device=dev)
+    if musicnn:
+        from rtagger.train.teachers.ensemble import load_ensemble
+
+        model = load_ensemble(teacher, list(musicnn), device=dev)
+    elif teacher is None:
+        raise ConfigError("pseudo-labelling needs a teacher checkpoint or musicnn teachers")
+    else:
+        model = _CheckpointLabeller(load_model(teacher, device=dev))
     cache = FeatureCache(cache_dir)
     tracks = sorted(cached_only(tracks, cache, "unlabelled data"), key=lambda t: t.id)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hop = round(hop_s * SAMPLE_RATE)
     base = {"format": SHARD_FORMAT, "teacher": str(teacher),
-            "teacher_sha256": model.weights_sha256, "tags": model.tags, "hop_samples": hop,
-            "window_samples": WINDOW_SAMPLES}
+            "teacher_sha256": model.sha256, "members": model.members, "tags": model.tags,
+            "hop_samples": hop, "window_samples": WINDOW_SAMPLES}
     n_shards = (len(tracks) + TRACKS_PER_SHARD - 1) // TRACKS_PER_SHARD
     mine = [k for k in range(n_shards) if k % info.world == info.rank]
     report = PseudoReport(n_shards, 0, 0, 0)
@@ -189,7 +215,6 @@ def _label_group(model, cache: FeatureCache, group: list[Track], hop: int, dev: 
     for b in range(0, len(items), BATCH):
         chunk = items[b : b + BATCH]
         waves = torch.from_numpy(np.stack([cache.window_pcm(t, s) for t, s in chunk])).to(dev)
-        logits, _ = model.tagger(waves)
-        probs.append(torch.sigmoid(logits).float().cpu().numpy())
+        probs.append(model(waves))
     return ([t.path for t, _ in items], [s for _, s in items],
             np.concatenate(probs) if probs else np.zeros((0, len(model.tags)), np.float32))

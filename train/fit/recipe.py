@@ -43,6 +43,10 @@ class DataSection:
     pseudo_ratio: float = 0.0  # fraction of each batch drawn from pseudo-labelled windows
     valid_windows_per_song: int = 8
     subset_seed: int = 0
+    # "" = the labelled manifest's tags (v1 for the synthetic benchmark); "v2" = vocabulary v2,
+    # whose tags the labelled songs do not define come from `labelled_pseudo` or are masked
+    vocabulary: str = ""
+    labelled_pseudo: tuple[str, ...] = ()  # shard folders over the labelled songs (teachers)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from rtagger.model.network import (
     aggregator_config,
     tagger_config,
 )
-from rtagger.model.vocab import tag_groups_v1
+from rtagger.model.vocab import tag_groups, vocabulary_tags
 from rtagger.pipeline.aggregate import context_indices, pad_contexts
 from rtagger.train.data.cache import FeatureCache
 from rtagger.train.data.manifest import Track, read_manifest
@@ -81,9 +81,20 @@ class TaggerTask:
         self.recipe = recipe
         self.cache = FeatureCache(d.cache)
         train_tracks = read_manifest(d.labelled)
-        self.tags = tag_list_for(train_tracks)
+        defined = tag_list_for(train_tracks)
+        self.tags = vocabulary_tags(d.vocabulary) if d.vocabulary else defined
+        outside = [t for t in defined if t not in self.tags]
+        if outside:
+            raise ConfigError(f"{recipe.name}: labelled tags {outside[:5]} are not in "
+                              f"vocabulary {d.vocabulary}")
+        # Metrics are computed on the tags the labelled (and validation) songs decide.
+        self.eval_columns = np.array([self.tags.index(t) for t in defined])
+        teacher = (PseudoWindows(d.labelled_pseudo, self.cache, self.tags).song_targets()
+                   if d.labelled_pseudo else None)
         labelled = labelled_subset(train_tracks, d.labelled_fraction, d.subset_seed)
-        self.labelled = LabelledWindows(labelled, self.cache, self.tags)
+        self.labelled = LabelledWindows(labelled, self.cache, self.tags,
+                                        defined=defined if d.vocabulary else None,
+                                        teacher=teacher)
         self.pseudo = (PseudoWindows(d.pseudo, self.cache, self.tags)
                        if d.pseudo_ratio > 0 else None)
         self.valid = EvalWindows(read_manifest(d.valid), self.cache, self.tags,
@@ -139,10 +150,12 @@ class TaggerTask:
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict:
         probs, songs = self.predict_valid(_unwrap(model), device)
-        y_win = self.valid.targets[songs]
+        probs = probs[:, self.eval_columns]
+        y_song = self.valid.targets[:, self.eval_columns]
+        y_win = y_song[songs]
         song_scores = np.stack([probs[songs == i].mean(0)
                                 for i in range(len(self.valid.tracks))])
-        song = macro_auc(self.valid.targets, song_scores)
+        song = macro_auc(y_song, song_scores)
         return {
             "macro_pr_auc": song["pr_auc"], "macro_roc_auc": song["roc_auc"],
             "window_macro_pr_auc": macro_auc(y_win, probs)["pr_auc"],
@@ -150,9 +163,7 @@ class TaggerTask:
 
     def export(self, model: nn.Module, metrics: dict) -> TaggingModel:
         tagger = copy.deepcopy(_unwrap(model)).cpu().eval()
-        groups = tag_groups_v1()
-        return TaggingModel(tagger, None, list(self.tags),
-                            {t: groups.get(t, "") for t in self.tags},
+        return TaggingModel(tagger, None, list(self.tags), tag_groups(self.tags),
                             name=self.recipe.name, trained=True,
                             metrics={k: v for k, v in metrics.items() if np.isscalar(v)})
 
@@ -179,6 +190,11 @@ class AggregatorTask:
         self.train_y = multi_hot(train_tracks, self.tags)
         self.valid_seqs = self._embed(valid_tracks, hop, out / "emb-valid.npz")
         self.valid_y = multi_hot(valid_tracks, self.tags)
+        # A tagger with a wider vocabulary (v2) than the labelled songs decide: the other
+        # tags have no song label (NaN, masked) and are left out of the metrics.
+        defined = set(tag_list_for(train_tracks))
+        self.eval_columns = np.array([i for i, t in enumerate(self.tags) if t in defined])
+        self.train_y[:, [t not in defined for t in self.tags]] = np.nan
         # Unlabelled songs join with song-level pseudo targets: the mean of the teacher's
         # window probabilities over the song (from the pseudo-label shards).
         self.pseudo_seqs, self.pseudo_y = [], np.zeros((0, len(self.tags)), np.float32)
@@ -255,11 +271,13 @@ class AggregatorTask:
         emb, valid = _pad(ctxs)
         with torch.no_grad():
             scores = torch.sigmoid(_unwrap(model)(emb.to(device), valid.to(device)))
-        agg = scores.float().cpu().numpy()
-        mean = np.stack([p.mean(0) for _, p in self.valid_seqs])
-        scores = macro_auc(self.valid_y, agg)
+        cols = self.eval_columns
+        agg = scores.float().cpu().numpy()[:, cols]
+        mean = np.stack([p.mean(0) for _, p in self.valid_seqs])[:, cols]
+        y = self.valid_y[:, cols]
+        scores = macro_auc(y, agg)
         return {"macro_pr_auc": scores["pr_auc"], "macro_roc_auc": scores["roc_auc"],
-                "mean_pool_macro_pr_auc": macro_auc(self.valid_y, mean)["pr_auc"]}
+                "mean_pool_macro_pr_auc": macro_auc(y, mean)["pr_auc"]}
 
     def export(self, model: nn.Module, metrics: dict) -> TaggingModel:
         agg = copy.deepcopy(_unwrap(model)).cpu().eval()

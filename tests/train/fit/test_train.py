@@ -307,3 +307,22 @@ def test_the_same_recipe_starts_from_the_same_weights_in_any_process(toy):
     assert all(torch.equal(a[k], b[k]) for k in a)
     c = TaggerTask(_recipe(toy, seed=1)).model.state_dict()
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_masked_bce_ignores_missing_targets_and_equals_bce_without_them():
+    import torch
+
+    from rtagger.train.fit.loop import masked_bce
+
+    logits = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.0, -0.5]], requires_grad=True)
+    full = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(logits, full)
+    assert torch.equal(masked_bce(logits, full), plain)
+    partial = full.clone()
+    partial[0, 1] = partial[1, 2] = float("nan")
+    loss = masked_bce(logits, partial)
+    keep = ~torch.isnan(partial)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[keep], full[keep])
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert logits.grad[0, 1] == 0 and logits.grad[1, 2] == 0 and logits.grad[0, 0] != 0
