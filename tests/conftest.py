@@ -140,13 +140,13 @@ def _have_synth_tools() -> bool:
     import shutil
 
     try:
-        from rtagger.train.synth import songs as synth
+        from rtagger.train.synth import grooves
 
-        synth.mma_lib_dir()
+        grooves.mma_lib_dir()
     except Exception:  # ModuleNotFoundError (mido) or SynthError (no MMA library)
         return False
     return (shutil.which("mma") is not None and shutil.which("fluidsynth") is not None
-            and all(p.is_file() for p in synth.default_soundfonts()))
+            and all(p.is_file() for p in grooves.default_soundfonts()))
 
 
 needs_synth_tools = pytest.mark.skipif(

@@ -155,9 +155,9 @@ def test_rtagger_works_beside_a_train_py_and_a_deploy_py(tmp_path):
         assert "was imported" not in run.stdout + run.stderr
         assert "unavailable" not in run.stderr, run.stderr
     # package data is found by package name, not through the working directory
-    code = ("from rtagger.train.synth import songs as synth; "
+    code = ("from rtagger.train.synth import grooves; "
             "from rtagger.model.vocab import tags_v1; "
-            "print(len(synth.groove_files('train')) > 0, len(tags_v1()))")
+            "print(len(grooves.groove_files('train')) > 0, len(tags_v1()))")
     run = subprocess.run([sys.executable, "-P", "-c", code], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.split() == ["True", "36"], run.stderr

@@ -13,7 +13,9 @@ Step kinds (``[[steps]]`` tables, each with a ``name`` and ``run``):
 - ``pool``: ``out`` and optional ``sources``
 - ``cache``: ``manifests``, ``out``, optional ``jobs``
 - ``train``: ``recipe``, ``out``, optional ``set`` (overrides)
-- ``pseudo``: ``teacher``, ``manifests``, ``out``, optional ``cache``, ``hop_s``, and
+- ``pseudo``: ``manifests``, ``out``, a ``teacher`` checkpoint and/or ``musicnn`` (converted
+  musicnn teacher files, ``bundled:MTT_vgg`` for the one the package carries: labels are
+  then the multi-source ensemble's, vocabulary v2), optional ``cache``, ``hop_s``, and
   ``exclude_labelled = {manifest, fraction, seed}`` to leave the labelled songs out
 - ``evaluate``: ``model``, ``manifest``, ``out``, optional ``cache``, ``hop_s``
 
@@ -45,8 +47,8 @@ STEP_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "pool": (frozenset({"out"}), frozenset({"sources"})),
     "cache": (frozenset({"manifests", "out"}), frozenset({"jobs"})),
     "train": (frozenset({"recipe", "out"}), frozenset({"set"})),
-    "pseudo": (frozenset({"teacher", "manifests", "out"}),
-               frozenset({"cache", "hop_s", "exclude_labelled"})),
+    "pseudo": (frozenset({"manifests", "out"}),
+               frozenset({"teacher", "musicnn", "cache", "hop_s", "exclude_labelled"})),
     "evaluate": (frozenset({"model", "manifest", "out"}), frozenset({"cache", "hop_s"})),
 }
 STEP_KINDS = tuple(STEP_KEYS)
@@ -120,7 +122,7 @@ def run_pipeline(path: str | Path, root: str | Path = ".", only: str | None = No
 
 
 def _synth(step: dict, progress: bool) -> None:
-    from rtagger.train.synth.songs import build_synth
+    from rtagger.train.synth.build import build_synth
 
     build_synth(step["out"], step["split"], step["songs"], seed=step.get("seed", 0),
                 jobs=step.get("jobs"), min_s=step.get("min_seconds", 40.0),
@@ -164,8 +166,23 @@ def _pseudo(step: dict, progress: bool) -> None:
                                    ex.get("seed", 0))
         skip = {t.id for t in labelled}
         tracks = [t for t in tracks if t.id not in skip]
-    pseudo_label(step["teacher"], tracks, step.get("cache", "data/cache"), step["out"],
-                 hop_s=step.get("hop_s", WINDOW_S), progress=progress)
+    pseudo_label(step.get("teacher"), tracks, step.get("cache", "data/cache"), step["out"],
+                 hop_s=step.get("hop_s", WINDOW_S), progress=progress,
+                 musicnn=tuple(_teacher_file(m) for m in step.get("musicnn", ())))
+
+
+def _teacher_file(ref: str) -> str:
+    """A musicnn teacher file; ``bundled:NAME`` is one the package carries (MTT_vgg)."""
+    if not ref.startswith("bundled:"):
+        return ref
+    from importlib import resources
+
+    name = ref.removeprefix("bundled:")
+    path = resources.files("rtagger.train.teachers").joinpath(f"{name}.safetensors")
+    if not path.is_file():
+        raise ConfigError(f"{ref}: the package carries no teacher {name!r} (only MTT_vgg); "
+                          f"convert the others with `rtagger data teachers`")
+    return str(path)
 
 
 def _evaluate(step: dict, progress: bool) -> None:

@@ -2,7 +2,7 @@
 
 Inference goes through :class:`rtagger.pipeline.tagger.Tagger`, the same path users run, on audio
 from the feature cache. Window labels come from the synthetic benchmark's timeline when a track
-has one (:func:`rtagger.train.synth.midi.window_labels`); otherwise a window takes its song's tags
+has one (:func:`rtagger.train.synth.labels.window_labels`); otherwise a window takes its song's tags
 (the multiple-instance assumption). Song scores are computed twice from the same windows:
 mean pooling (the paper's aggregation) and the model's context aggregator, fed exactly as
 the live track context would feed it.
@@ -34,7 +34,7 @@ def _window_truth(track: Track, start_s: float, end_s: float) -> set[str]:
     timeline = track.extra.get("timeline")
     if timeline is None:
         return set(track.tags)
-    from rtagger.train.synth.midi import window_labels
+    from rtagger.train.synth.labels import window_labels
 
     return window_labels({"tags": list(track.tags), "timeline": timeline}, start_s, end_s)
 

@@ -1,4 +1,4 @@
-"""``rtagger data synth``: a thin command over :mod:`rtagger.train.synth.songs` (imported lazily).
+"""``rtagger data synth``: a thin command over :mod:`rtagger.train.synth.build` (imported lazily).
 
 The synthetic benchmark needs mido (the ``train`` extra); without it the command still exists
 and says how to install it.
@@ -39,7 +39,7 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
     ) -> None:
         """Render the synthetic labelled benchmark (MMA grooves + FluidSynth), resumable."""
         try:
-            from rtagger.train.synth.songs import RECOMMENDED_SONGS, run_build
+            from rtagger.train.synth.build import RECOMMENDED_SONGS, run_build
         except ModuleNotFoundError as e:
             if e.name != "mido":
                 raise

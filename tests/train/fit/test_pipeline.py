@@ -23,9 +23,11 @@ pytestmark = pytest.mark.skipif(shutil.which("mma") is None or shutil.which("flu
 def test_debug_pipeline_runs_every_stage_and_resumes(tmp_path):
     run_pipeline(PIPELINE, tmp_path, progress=False)
     runs = tmp_path / "runs"
-    for stage in ("teacher", "student_expansion", "student", "aggregator"):
+    for stage in ("teacher", "student_expansion", "student", "student_v2", "aggregator"):
         assert (runs / stage / "best.safetensors").exists(), stage
     assert sorted(p.name for p in (runs / "pseudo-teacher").glob("shard-*.npz"))
+    # the multi-source stage: the ensemble's labels and a student on vocabulary v2
+    assert load_model(runs / "student_v2" / "best.safetensors").describe()["vocabulary"] == "v2"
     final = load_model(runs / "aggregator" / "best.safetensors")
     assert final.aggregator is not None and final.trained
     assert final.tagger.cfg == load_model(runs / "student" / "best.safetensors").tagger.cfg

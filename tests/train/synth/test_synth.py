@@ -17,17 +17,17 @@ import pytest
 
 mido = pytest.importorskip("mido")
 
+from rtagger.train.synth import arrange, build, grooves, labels, plan  # noqa: E402
 from rtagger.train.synth import cli as synth_cli  # noqa: E402
-from rtagger.train.synth import midi as sm  # noqa: E402
-from rtagger.train.synth import songs as synth  # noqa: E402
+from rtagger.train.synth import midi as synth_midi  # noqa: E402
 
 TPQ = 480
 
 
 def _have_mma_lib() -> bool:
     try:
-        synth.mma_lib_dir()
-    except synth.SynthError:
+        grooves.mma_lib_dir()
+    except grooves.SynthError:
         return False
     return True
 
@@ -37,7 +37,7 @@ HAVE_TOOLS = (
     HAVE_MMA_LIB
     and shutil.which("mma") is not None
     and shutil.which("fluidsynth") is not None
-    and all(p.is_file() for p in synth.default_soundfonts())
+    and all(p.is_file() for p in grooves.default_soundfonts())
 )
 needs_mma_lib = pytest.mark.skipif(not HAVE_MMA_LIB, reason="MMA groove library missing")
 needs_tools = pytest.mark.skipif(
@@ -59,7 +59,7 @@ def beats(seconds: float, bpm: float = 120.0) -> int:
 
 
 def add_track(midi: mido.MidiFile, events: list[tuple[int, mido.Message]]) -> None:
-    midi.tracks.append(sm.track_from_abs(events))
+    midi.tracks.append(synth_midi.track_from_abs(events))
 
 
 def notes_track(channel: int, program: int, notes: list[tuple[float, float, int]],
@@ -84,21 +84,21 @@ def drum_track(onsets_s: list[float], bpm: float = 120.0) -> list[tuple[int, mid
 
 def pad_to(midi: mido.MidiFile, seconds: float, bpm: float = 120.0) -> None:
     """Make the file last ``seconds`` (a silent marker at the end)."""
-    sm.add_marker(midi, beats(seconds, bpm), "end")
+    synth_midi.add_marker(midi, beats(seconds, bpm), "end")
 
 
 def test_vocabulary_and_program_families() -> None:
-    vocab = sm.tag_vocabulary()
+    vocab = labels.tag_vocabulary()
     assert len(vocab) == 36
-    instruments = set(sm.tags_in_group("instrument"))
-    assert set(sm.INSTRUMENT_PROGRAMS) == instruments - {"drums"}
+    instruments = set(labels.tags_in_group("instrument"))
+    assert set(labels.INSTRUMENT_PROGRAMS) == instruments - {"drums"}
     seen: set[int] = set()
-    for ranges in sm.INSTRUMENT_PROGRAMS.values():
+    for ranges in labels.INSTRUMENT_PROGRAMS.values():
         for r in ranges:
             assert seen.isdisjoint(r)
             seen |= set(r)
-    assert {sm.program_tag(p) for p in (46, 47, 55, 96, 127)} == {None}
-    assert sm.program_tag(21) == "accordion" and sm.program_tag(51) == "strings"
+    assert {labels.program_tag(p) for p in (46, 47, 55, 96, 127)} == {None}
+    assert labels.program_tag(21) == "accordion" and labels.program_tag(51) == "strings"
 
 
 def test_instrument_rule_counts_the_union_of_notes() -> None:
@@ -111,7 +111,7 @@ def test_instrument_rule_counts_the_union_of_notes() -> None:
     add_track(midi, [(0, mido.Message("program_change", channel=9, program=0)),
                      *drum_track([0.5 * i for i in range(7)])])
     pad_to(midi, 10.0)
-    tags = sm.midi_tags(midi, ["rock"])
+    tags = labels.midi_tags(midi, ["rock"])
     assert "piano" not in tags and "organ" in tags
     assert "drums" not in tags  # 7 drum notes
     assert tags[0] == "rock"
@@ -124,7 +124,7 @@ def test_program_at_note_onset_decides_the_family() -> None:
     ev.sort(key=lambda e: e[0])
     add_track(midi, ev)
     add_track(midi, drum_track([0.5 * i for i in range(8)]))
-    tags = sm.midi_tags(midi, [])
+    tags = labels.midi_tags(midi, [])
     assert {"piano", "guitar", "drums"} <= set(tags)
 
 
@@ -134,7 +134,7 @@ def test_program_at_note_onset_decides_the_family() -> None:
 def test_tempo_tags_at_the_boundaries(bpm: float, expected: set[str]) -> None:
     midi = new_midi(bpm)
     add_track(midi, notes_track(0, 0, [(0.0, 3.0, 60)], bpm))
-    assert set(sm.midi_tags(midi, [])) & {"slow", "fast"} == expected
+    assert set(labels.midi_tags(midi, [])) & {"slow", "fast"} == expected
 
 
 def tempo_song(first_bpm: float, second_bpm: float, change_s: float,
@@ -142,24 +142,24 @@ def tempo_song(first_bpm: float, second_bpm: float, change_s: float,
     midi = new_midi(first_bpm)
     change_tick = beats(change_s, first_bpm)
     end_tick = change_tick + beats(total_s - change_s, second_bpm)
-    sm.set_tempo_from(midi, change_tick, second_bpm)
-    sm.add_marker(midi, end_tick, "end")
+    synth_midi.set_tempo_from(midi, change_tick, second_bpm)
+    synth_midi.add_marker(midi, end_tick, "end")
     return midi
 
 
 def test_dominant_tempo_and_tempo_change_rule() -> None:
     midi = tempo_song(80, 150, 20.0, 60.0)  # 20 s slow, 40 s fast
-    info = sm.analyse(midi)
+    info = labels.analyse(midi)
     assert info.duration == pytest.approx(60.0, abs=0.01)
-    tags = set(sm.midi_tags(midi, []))
+    tags = set(labels.midi_tags(midi, []))
     assert "fast" in tags and "slow" not in tags and "tempo_change" in tags
     # 10 % change: too small
-    assert "tempo_change" not in sm.midi_tags(tempo_song(100, 110, 24.0, 60.0), [])
+    assert "tempo_change" not in labels.midi_tags(tempo_song(100, 110, 24.0, 60.0), [])
     # at 20 % of the duration: too early
-    assert "tempo_change" not in sm.midi_tags(tempo_song(100, 130, 12.0, 60.0), [])
+    assert "tempo_change" not in labels.midi_tags(tempo_song(100, 130, 12.0, 60.0), [])
     # new tempo lasts 14 s: too short (the change sits at 65 % of 40 s)
-    assert "tempo_change" not in sm.midi_tags(tempo_song(100, 130, 26.0, 40.0), [])
-    assert "tempo_change" in sm.midi_tags(tempo_song(100, 130, 24.0, 40.0), [])
+    assert "tempo_change" not in labels.midi_tags(tempo_song(100, 130, 26.0, 40.0), [])
+    assert "tempo_change" in labels.midi_tags(tempo_song(100, 130, 24.0, 40.0), [])
 
 
 def breakdown_song(gap: tuple[float, float], total_s: float) -> mido.MidiFile:
@@ -171,35 +171,36 @@ def breakdown_song(gap: tuple[float, float], total_s: float) -> mido.MidiFile:
 
 
 def test_breakdown_rule() -> None:
-    tags = sm.midi_tags(breakdown_song((20.0, 30.0), 60.0), [])
+    tags = labels.midi_tags(breakdown_song((20.0, 30.0), 60.0), [])
     assert "breakdown" in tags and "drums" in tags
-    found = sm.find_breakdown(sm.analyse(breakdown_song((20.0, 30.0), 60.0)).drum_onsets, 60.0)
+    onsets = labels.analyse(breakdown_song((20.0, 30.0), 60.0)).drum_onsets
+    found = labels.find_breakdown(onsets, 60.0)
     assert found == {"start": 20.0, "end": 30.0}
-    assert "breakdown" not in sm.midi_tags(breakdown_song((20.0, 27.5), 60.0), [])  # 7.5 s
+    assert "breakdown" not in labels.midi_tags(breakdown_song((20.0, 27.5), 60.0), [])  # 7.5 s
     # starts before 20 % (12 s): only 12-17 s counts, too short
-    assert "breakdown" not in sm.midi_tags(breakdown_song((7.0, 17.0), 60.0), [])
+    assert "breakdown" not in labels.midi_tags(breakdown_song((7.0, 17.0), 60.0), [])
     # drums sound 10 s after it in a 40 s song (onsets 30-39.5 s, then a 0.5 s tail), 9 s in 39 s
-    assert "breakdown" in sm.midi_tags(breakdown_song((20.0, 30.0), 40.0), [])
-    assert "breakdown" not in sm.midi_tags(breakdown_song((20.0, 30.0), 39.0), [])
+    assert "breakdown" in labels.midi_tags(breakdown_song((20.0, 30.0), 40.0), [])
+    assert "breakdown" not in labels.midi_tags(breakdown_song((20.0, 30.0), 39.0), [])
     # ends after 90 %: 45-54 s of a 60 s song leaves 9 s: the rule clips it to 45-54 and the
     # drums after it last 6 s only
-    assert "breakdown" not in sm.midi_tags(breakdown_song((45.0, 56.0), 60.0), [])
+    assert "breakdown" not in labels.midi_tags(breakdown_song((45.0, 56.0), 60.0), [])
 
 
 def test_key_change_rule_reads_the_generator_markers() -> None:
     def song(at_s: float, semis: int, total_s: float = 50.0) -> mido.MidiFile:
         midi = new_midi()
         add_track(midi, notes_track(0, 0, [(0.0, total_s, 60)]))
-        sm.add_marker(midi, 0, sm.key_marker(9, "minor"))
-        sm.add_marker(midi, beats(at_s), sm.key_change_marker(semis))
+        synth_midi.add_marker(midi, 0, synth_midi.key_marker(9, "minor"))
+        synth_midi.add_marker(midi, beats(at_s), synth_midi.key_change_marker(semis))
         return midi
 
-    tags = sm.midi_tags(song(25.0, -3), [])
+    tags = labels.midi_tags(song(25.0, -3), [])
     assert "key_change" in tags and "minor" in tags and "major" not in tags
-    assert "key_change" not in sm.midi_tags(song(25.0, 7), [])  # more than 6 semitones
-    assert "key_change" not in sm.midi_tags(song(36.0, 2), [])  # after 70 %
-    assert "key_change" not in sm.midi_tags(song(32.0, 2, 45.0), [])  # new key lasts 13 s
-    keys = sm.midi_timeline(song(25.0, -3))["keys"]
+    assert "key_change" not in labels.midi_tags(song(25.0, 7), [])  # more than 6 semitones
+    assert "key_change" not in labels.midi_tags(song(36.0, 2), [])  # after 70 %
+    assert "key_change" not in labels.midi_tags(song(32.0, 2, 45.0), [])  # new key lasts 13 s
+    keys = labels.midi_timeline(song(25.0, -3))["keys"]
     assert keys == [[0.0, 25.0, "A", "minor"], [25.0, 50.0, "Gb", "minor"]]
 
 
@@ -207,8 +208,8 @@ def test_transpose_keeps_sustained_notes_and_drums() -> None:
     midi = new_midi()
     add_track(midi, notes_track(0, 0, [(0.0, 4.0, 60), (1.0, 1.5, 60), (3.0, 3.5, 64)]))
     add_track(midi, drum_track([0.0, 3.0]))
-    sm.transpose_from(midi, beats(2.0), 5)
-    notes = sm.collect_notes(midi)
+    synth_midi.transpose_from(midi, beats(2.0), 5)
+    notes = synth_midi.collect_notes(midi)
     pitched = sorted((n.start_s, n.end_s, n.pitch) for n in notes if n.channel == 0)
     # the re-struck C at 1 s releases the first one (FluidSynth does the same)
     assert pitched == [(0.0, 1.0, 60), (1.0, 1.5, 60), (3.0, 3.5, 69)]
@@ -216,8 +217,8 @@ def test_transpose_keeps_sustained_notes_and_drums() -> None:
     # a key sounding across the change and re-struck after it: the old pitch is released
     midi = new_midi()
     add_track(midi, notes_track(0, 0, [(0.0, 4.0, 60), (3.0, 3.5, 60)]))
-    sm.transpose_from(midi, beats(2.0), 5)
-    pitched = sorted((n.start_s, n.end_s, n.pitch) for n in sm.collect_notes(midi))
+    synth_midi.transpose_from(midi, beats(2.0), 5)
+    pitched = sorted((n.start_s, n.end_s, n.pitch) for n in synth_midi.collect_notes(midi))
     assert pitched == [(0.0, 3.0, 60), (3.0, 3.5, 65)]
 
 
@@ -228,14 +229,14 @@ def test_remove_drums_and_placement_satisfy_the_rule() -> None:
     add_track(midi, drum_track([0.5 * i for i in range(120)]))
     pad_to(midi, 60.0)
     bars = [beats(2.0 * b) for b in range(30)]  # 4/4 at 120 bpm: a bar is 2 s
-    placed = sm.place_breakdown(midi, bars, random.Random(1))
+    placed = arrange.place_breakdown(midi, bars, random.Random(1))
     assert placed is not None
-    info = sm.analyse(midi)
-    start = sm.TempoMap(midi).seconds(placed["start_tick"])
-    end = sm.TempoMap(midi).seconds(placed["end_tick"])
+    info = labels.analyse(midi)
+    start = synth_midi.TempoMap(midi).seconds(placed["start_tick"])
+    end = synth_midi.TempoMap(midi).seconds(placed["end_tick"])
     assert not [t for t in info.drum_onsets if start <= t < end]
-    assert end - start >= sm.BREAKDOWN_MIN_S
-    assert "breakdown" in sm.midi_tags(midi, [])
+    assert end - start >= labels.BREAKDOWN_MIN_S
+    assert "breakdown" in labels.midi_tags(midi, [])
     # no unmatched note-offs were left behind
     offs = sum(1 for tr in midi.tracks for m in tr if m.type == "note_off")
     assert offs == len(info.drum_onsets)
@@ -247,48 +248,48 @@ def test_window_labels_follow_the_timeline() -> None:
     add_track(midi, drum_track(onsets))
     add_track(midi, notes_track(0, 0, [(0.0, 10.0, 60)]))
     add_track(midi, notes_track(1, 65, [(40.0, 41.0, 70)]))
-    sm.add_marker(midi, 0, sm.key_marker(0, "major"))
+    synth_midi.add_marker(midi, 0, synth_midi.key_marker(0, "major"))
     pad_to(midi, 60.0)
-    record = {"tags": sm.midi_tags(midi, ["jazz"]), "timeline": sm.midi_timeline(midi)}
+    record = {"tags": labels.midi_tags(midi, ["jazz"]), "timeline": labels.midi_timeline(midi)}
     assert "saxophone" not in record["tags"]  # 1 s only
-    assert sm.window_labels(record, 0.0, 3.69) == {"jazz", "piano", "drums", "major"}
-    inside = sm.window_labels(record, 22.0, 25.69)
+    assert labels.window_labels(record, 0.0, 3.69) == {"jazz", "piano", "drums", "major"}
+    inside = labels.window_labels(record, 22.0, 25.69)
     assert "drums" not in inside and "breakdown" in inside and "piano" not in inside
     # 1 s of saxophone is enough in a 1.5 s window (half the window), not in a 3.69 s one
-    assert "saxophone" in sm.window_labels(record, 39.8, 41.3)
-    assert "saxophone" not in sm.window_labels(record, 39.0, 42.69)
-    with pytest.raises(sm.MidiRuleError):
-        sm.window_labels(record, 5.0, 5.0)
+    assert "saxophone" in labels.window_labels(record, 39.8, 41.3)
+    assert "saxophone" not in labels.window_labels(record, 39.0, 42.69)
+    with pytest.raises(labels.MidiRuleError):
+        labels.window_labels(record, 5.0, 5.0)
 
 
 # --- Plans (need MMA's groove library) ------------------------------------------------------
 @needs_mma_lib
 def test_test_split_grooves_never_reach_train_or_valid() -> None:
-    test_keys = {g.key for g in synth.groove_files("test")}
-    assert test_keys and test_keys.isdisjoint(g.key for g in synth.groove_files("train"))
+    test_keys = {g.key for g in grooves.groove_files("test")}
+    assert test_keys and test_keys.isdisjoint(g.key for g in grooves.groove_files("train"))
     for split in ("train", "valid"):
-        used = {synth.plan_song(split, i).groove_file for i in range(200)}
+        used = {plan.plan_song(split, i).groove_file for i in range(200)}
         assert used.isdisjoint(test_keys)
-    assert {synth.plan_song("test", i).groove_file for i in range(50)} <= test_keys
+    assert {plan.plan_song("test", i).groove_file for i in range(50)} <= test_keys
 
 
 @needs_mma_lib
 def test_plans_are_deterministic() -> None:
-    a = synth.plan_song("train", 7, seed=3)
-    assert a == synth.plan_song("train", 7, seed=3)
-    assert a != synth.plan_song("train", 7, seed=4)
-    assert a != synth.plan_song("train", 7, seed=3, attempt=1)
-    assert synth.mma_source(a) == synth.mma_source(synth.plan_song("train", 7, seed=3))
+    a = plan.plan_song("train", 7, seed=3)
+    assert a == plan.plan_song("train", 7, seed=3)
+    assert a != plan.plan_song("train", 7, seed=4)
+    assert a != plan.plan_song("train", 7, seed=3, attempt=1)
+    assert plan.mma_source(a) == plan.mma_source(plan.plan_song("train", 7, seed=3))
     assert a.id == "synth-train-s3-00007"
-    lo, hi = synth.tempo_range_bpm(next(g for g in synth.groove_files() if g.key == a.groove_file),
-                                   a.groove)
+    gf = next(g for g in grooves.groove_files() if g.key == a.groove_file)
+    lo, hi = grooves.tempo_range_bpm(gf, a.groove)
     assert lo <= a.tempo_bpm <= hi
 
 
 @needs_mma_lib
 def test_plan_mix_of_leads_and_events() -> None:
-    plans = [synth.plan_song("train", i) for i in range(200)]
-    families = {sm.program_tag(p.lead_program) for p in plans if p.lead_program is not None}
+    plans = [plan.plan_song("train", i) for i in range(200)]
+    families = {labels.program_tag(p.lead_program) for p in plans if p.lead_program is not None}
     assert len(families) >= 9  # lead instruments span many GM families
     for event in ("key_change", "tempo_change", "breakdown"):
         share = sum(getattr(p, event) for p in plans) / len(plans)
@@ -298,14 +299,14 @@ def test_plan_mix_of_leads_and_events() -> None:
 
 
 def test_train_refuses_foreign_soundfonts(tmp_path: Path) -> None:
-    with pytest.raises(synth.SynthError, match="held-out"):
-        synth.build_synth(tmp_path, "train", 1, soundfonts=[tmp_path / "Other.sf2"])
+    with pytest.raises(grooves.SynthError, match="held-out"):
+        build.build_synth(tmp_path, "train", 1, soundfonts=[tmp_path / "Other.sf2"])
 
 
 def test_missing_tools_name_the_apt_packages(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(synth.shutil, "which", lambda name: None)
-    with pytest.raises(synth.SynthError) as err:
-        synth.check_tools()
+    monkeypatch.setattr(grooves.shutil, "which", lambda name: None)
+    with pytest.raises(grooves.SynthError) as err:
+        grooves.check_tools()
     msg = str(err.value)
     assert "apt-get install" in msg
     assert "mma fluidsynth fluid-soundfont-gm timgm6mb-soundfont" in msg
@@ -356,7 +357,7 @@ def sounding_by_family(midi: mido.MidiFile) -> tuple[dict[str, float], list[floa
             stack = open_notes.get((msg.channel, msg.note))
             if stack:
                 start, prog = stack.pop(0)
-                fam = sm.program_tag(prog)
+                fam = labels.program_tag(prog)
                 if fam:
                     spans.setdefault(fam, []).append((start, now))
     totals = {}
@@ -380,7 +381,7 @@ def read_manifest(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def structured_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth_struct")
-    return synth.build_synth(out, "train", 2, seed=1, jobs=2, min_s=40, max_s=46,
+    return build.build_synth(out, "train", 2, seed=1, jobs=2, min_s=40, max_s=46,
                              progress=False, force_structure=True)
 
 
@@ -390,18 +391,18 @@ def test_build_tags_match_the_rendered_midi(structured_build: Path) -> None:
 
     records = read_manifest(structured_build)
     assert [r["index"] for r in records] == [0, 1]
-    train_grooves = {g.key for g in synth.groove_files("train")}
+    train_grooves = {g.key for g in grooves.groove_files("train")}
     seen_events: set[str] = set()
     for rec in records:
         assert rec["split"] == "train" and rec["groove"] in train_grooves
-        assert rec["soundfont"] in synth.GM_SOUNDFONTS
+        assert rec["soundfont"] in grooves.GM_SOUNDFONTS
         root = structured_build.parent
         midi = mido.MidiFile(root / rec["midi"])
-        assert sm.midi_tags(midi, rec["tags"]) == rec["tags"]  # tags recomputed from the file
+        assert labels.midi_tags(midi, rec["tags"]) == rec["tags"]  # tags recomputed from the file
         totals, drums = sounding_by_family(midi)
         for fam, total in totals.items():
-            if abs(total - sm.INSTRUMENT_MIN_S) > 0.01:
-                assert (fam in rec["tags"]) == (total >= sm.INSTRUMENT_MIN_S), fam
+            if abs(total - labels.INSTRUMENT_MIN_S) > 0.01:
+                assert (fam in rec["tags"]) == (total >= labels.INSTRUMENT_MIN_S), fam
         assert ("drums" in rec["tags"]) == (len(drums) >= 8)
         events = rec["timeline"]["events"]
         assert set(events) == {"key_change", "tempo_change", "breakdown"} & set(rec["tags"])
@@ -411,7 +412,7 @@ def test_build_tags_match_the_rendered_midi(structured_build: Path) -> None:
             assert bd["end"] - bd["start"] >= 8.0
             assert not [t for t in drums if bd["start"] + 1e-3 < t < bd["end"] - 1e-3]
             mid = (bd["start"] + bd["end"]) / 2
-            window = synth.window_labels(rec, mid - 1.8, mid + 1.8)
+            window = labels.window_labels(rec, mid - 1.8, mid + 1.8)
             assert "drums" not in window and "breakdown" in window
         if "tempo_change" in events:
             assert len(rec["timeline"]["tempos"]) == 2
@@ -432,12 +433,12 @@ def test_build_tags_match_the_rendered_midi(structured_build: Path) -> None:
 @needs_tools
 def test_resume_renders_only_missing_songs(tmp_path: Path) -> None:
     kw = {"seed": 5, "min_s": 6, "max_s": 10, "progress": False}
-    first = synth.run_build(tmp_path, "valid", 2, jobs=2, **kw)
+    first = build.run_build(tmp_path, "valid", 2, jobs=2, **kw)
     assert (first.rendered, first.skipped, first.failed) == (2, 0, [])
     stamps = {p.name: os.stat(p).st_mtime_ns for p in (tmp_path / "audio").iterdir()}
     with open(first.manifest, "a") as f:
         f.write('{"id": "half a line')  # a build killed while writing
-    second = synth.run_build(tmp_path, "valid", 3, jobs=2, **kw)
+    second = build.run_build(tmp_path, "valid", 3, jobs=2, **kw)
     assert (second.rendered, second.skipped) == (1, 2)
     records = read_manifest(second.manifest)
     assert [r["index"] for r in records] == [0, 1, 2]
@@ -445,10 +446,10 @@ def test_resume_renders_only_missing_songs(tmp_path: Path) -> None:
         assert os.stat(tmp_path / "audio" / name).st_mtime_ns == stamp
     assert all(r["split"] == "valid" and 5 <= r["timeline"]["duration"] <= 13 for r in records)
     # other options in the same folder are refused, not mixed
-    with pytest.raises(synth.SynthError, match="other options"):
-        synth.run_build(tmp_path, "valid", 3, jobs=1, seed=6, min_s=6, max_s=10, progress=False)
+    with pytest.raises(grooves.SynthError, match="other options"):
+        build.run_build(tmp_path, "valid", 3, jobs=1, seed=6, min_s=6, max_s=10, progress=False)
     # the same song built elsewhere is identical (MIDI bytes and samples)
-    again = synth.run_build(tmp_path / "again", "valid", 1, jobs=1, **kw)
+    again = build.run_build(tmp_path / "again", "valid", 1, jobs=1, **kw)
     rec0 = read_manifest(again.manifest)[0]
     assert rec0 == records[0]
     midi_bytes = (tmp_path / rec0["midi"]).read_bytes()
@@ -462,21 +463,21 @@ def test_resume_renders_only_missing_songs(tmp_path: Path) -> None:
 @needs_tools
 def test_failing_songs_are_retried_then_reported(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    real = synth.synthesize_song
+    real = build.synthesize_song
     calls: list[tuple[int, int]] = []
 
-    def flaky(plan: synth.SongPlan, out_dir: str | Path, rate: int) -> dict:
-        calls.append((plan.index, plan.attempt))
-        if plan.index == 1 or plan.attempt == 0:
-            raise synth.SynthError("fluidsynth exited with 1 (simulated)")
-        return real(plan, out_dir, rate)
+    def flaky(song: plan.SongPlan, out_dir: str | Path, rate: int) -> dict:
+        calls.append((song.index, song.attempt))
+        if song.index == 1 or song.attempt == 0:
+            raise grooves.SynthError("fluidsynth exited with 1 (simulated)")
+        return real(song, out_dir, rate)
 
-    monkeypatch.setattr(synth, "synthesize_song", flaky)
-    res = synth.run_build(tmp_path, "train", 2, seed=2, jobs=1, min_s=6, max_s=8,
+    monkeypatch.setattr(build, "synthesize_song", flaky)
+    res = build.run_build(tmp_path, "train", 2, seed=2, jobs=1, min_s=6, max_s=8,
                           progress=False)
     assert res.rendered == 1 and [i for i, _ in res.failed] == [1]
-    assert calls.count((1, 0)) == 1 and len([c for c in calls if c[0] == 1]) == synth.MAX_ATTEMPTS
+    assert calls.count((1, 0)) == 1 and len([c for c in calls if c[0] == 1]) == build.MAX_ATTEMPTS
     (record,) = read_manifest(res.manifest)
-    assert record["attempt"] == 1 and record["seed"] == synth.song_seed("train", 2, 0, 1)
+    assert record["attempt"] == 1 and record["seed"] == plan.song_seed("train", 2, 0, 1)
     failures = read_manifest(tmp_path / "failures.jsonl")
     assert failures[0]["index"] == 1 and "simulated" in failures[0]["error"]
