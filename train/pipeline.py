@@ -122,9 +122,9 @@ def run_pipeline(path: str | Path, root: str | Path = ".", only: str | None = No
 
 
 def _synth(step: dict, progress: bool) -> None:
-    from rtagger.train.synth.build import build_synth
+    from rtagger.train.synth.build import run_build
 
-    build_synth(step["out"], step["split"], step["songs"], seed=step.get("seed", 0),
+    run_build(step["out"], step["split"], step["songs"], seed=step.get("seed", 0),
                 jobs=step.get("jobs"), min_s=step.get("min_seconds", 40.0),
                 max_s=step.get("max_seconds", 120.0), progress=progress)
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from rtagger.cli.main import app
 from rtagger.model.checkpoint import bundled_model_path, load_model
 from rtagger.model.network import SIZES
-from rtagger.train.synth.build import build_synth
+from rtagger.train.synth.build import run_build
 
 # Mean per-song ROC-AUC of the track tags (how often a true tag outranks a false one) over
 # 4 fresh test-split songs. The default scored 0.82-0.93 for seeds 11-13 (2026-11-25);
@@ -44,8 +44,8 @@ def _roc_auc(y: np.ndarray, s: np.ndarray) -> float:
 
 @needs_synth_tools
 def test_tag_without_a_model_gives_sensible_tags_on_unseen_benchmark_songs(tmp_path):
-    manifest = build_synth(tmp_path / "songs", "test", 4, seed=11, jobs=2, min_s=40, max_s=50,
-                           progress=False)
+    manifest = run_build(tmp_path / "songs", "test", 4, seed=11, jobs=2, min_s=40, max_s=50,
+                         progress=False).manifest
     records = [json.loads(line) for line in manifest.read_text().splitlines()]
     paths = [str(manifest.parent / r["path"]) for r in records]
     res = CliRunner().invoke(app, ["tag", "--format", "json", *paths])

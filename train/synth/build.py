@@ -142,7 +142,16 @@ def run_build(
     force_structure: bool = False,
     render_rate_hz: int = DEFAULT_RENDER_RATE_HZ,
 ) -> BuildResult:
-    """Build (or finish) songs ``0..n_songs-1`` of ``split``; see :func:`build_synth`."""
+    """Build (or finish) songs ``0..n_songs-1`` of ``split`` into ``out_dir``.
+
+    Resumable: songs already in the manifest (with their audio) are kept; run again with a
+    larger ``n_songs`` to extend a build. ``jobs`` processes (default: CPU count).
+    ``soundfonts`` defaults to FluidR3_GM and TimGM6mb (the only ones train/valid accept).
+    ``render_rate_hz`` is FluidSynth's rate (resampled to 16 kHz); ``force_structure`` is
+    for tests. Songs failing every retry are logged, listed in
+    ``failures.jsonl`` and left out; they never stop the build. The result names the
+    manifest (``.manifest``) and counts what was rendered, skipped and failed.
+    """
     if n_songs < 0:
         raise SynthError(f"--songs must be >= 0, got {n_songs}")
     if not SAMPLE_RATE <= render_rate_hz <= 96_000:
@@ -239,30 +248,3 @@ def _finalise(
                 f.write(json.dumps({"index": index, "error": why}) + "\n")
     elif failures.exists():
         failures.unlink()
-
-
-def build_synth(
-    out_dir: str | Path,
-    split: str,
-    n_songs: int,
-    seed: int = 0,
-    jobs: int | None = None,
-    min_s: float = 40.0,
-    max_s: float = 120.0,
-    soundfonts: Sequence[str | Path] | None = None,
-    progress: bool = True,
-    *,
-    force_structure: bool = False,
-    render_rate_hz: int = DEFAULT_RENDER_RATE_HZ,
-) -> Path:
-    """Build the synthetic benchmark split into ``out_dir``; returns the manifest path.
-
-    Resumable: songs already in the manifest (with their audio) are kept; run again with a
-    larger ``n_songs`` to extend a build. ``jobs`` processes (default: CPU count).
-    ``soundfonts`` defaults to FluidR3_GM and TimGM6mb (the only ones train/valid accept).
-    ``render_rate_hz`` is FluidSynth's rate (resampled to 16 kHz); ``force_structure`` is
-    for tests. Songs failing every retry are logged, listed in
-    ``failures.jsonl`` and left out; they never stop the build.
-    """
-    return run_build(out_dir, split, n_songs, seed, jobs, min_s, max_s, soundfonts, progress,
-                     force_structure=force_structure, render_rate_hz=render_rate_hz).manifest

@@ -300,7 +300,7 @@ def test_plan_mix_of_leads_and_events() -> None:
 
 def test_train_refuses_foreign_soundfonts(tmp_path: Path) -> None:
     with pytest.raises(grooves.SynthError, match="held-out"):
-        build.build_synth(tmp_path, "train", 1, soundfonts=[tmp_path / "Other.sf2"])
+        build.run_build(tmp_path, "train", 1, soundfonts=[tmp_path / "Other.sf2"])
 
 
 def test_missing_tools_name_the_apt_packages(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -381,8 +381,8 @@ def read_manifest(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def structured_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth_struct")
-    return build.build_synth(out, "train", 2, seed=1, jobs=2, min_s=40, max_s=46,
-                             progress=False, force_structure=True)
+    return build.run_build(out, "train", 2, seed=1, jobs=2, min_s=40, max_s=46,
+                           progress=False, force_structure=True).manifest
 
 
 @needs_tools
