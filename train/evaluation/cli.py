@@ -92,6 +92,31 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
         hours = sum(m.duration_s for m in built) / 3600
         typer.echo(f"{len(built)} mixes, {hours:.2f} h, in {out}")
 
+    @train_app.command("convergence")
+    def convergence(
+        model: str = typer.Argument(..., help="Checkpoint (a file or 'default')."),
+        manifest: Path = typer.Option(..., "--manifest", help="Labelled songs (e.g. test)."),
+        out: Path = typer.Option(..., "--out", "-o"),
+        hop: float = typer.Option(1.0, "--hop", help="Seconds between windows (as served)."),
+        at: str = typer.Option("15,30,60,120", "--at", help="Seconds into the stream."),
+    ) -> None:
+        """Live track tags at 15/30/60/120 s into a stream vs the whole song, and vs truth."""
+        from rtagger.train.data.manifest import read_manifest
+        from rtagger.train.evaluation.convergence import convergence as measure
+        from rtagger.train.evaluation.convergence import report_markdown, write_report
+
+        try:
+            checkpoints = tuple(sorted(float(v) for v in at.split(",")))
+        except ValueError:
+            raise _fail(RtaggerError(f"--at {at!r}: give seconds like 15,30,60")) from None
+        try:
+            report = measure(model, read_manifest(manifest), hop_s=hop,
+                             checkpoints=checkpoints)
+            write_report(report, out)
+        except RtaggerError as e:
+            raise _fail(e) from None
+        typer.echo(report_markdown(report))
+
     @train_app.command("segeval")
     def segeval(
         model: str = typer.Argument(..., help="Checkpoint whose embeddings drive segmentation."),
