@@ -369,8 +369,10 @@ def _add_subcommands() -> None:
     from importlib.metadata import entry_points
 
     from rtagger.cli.bench import register as register_bench
+    from rtagger.cli.catalog import register as register_catalog
 
     register_bench(app)
+    register_catalog(app)
     # Training and deployment commands register through an entry-point group
     # (pyproject.toml), so this module never imports them.
     for ep in entry_points(group="rtagger.commands"):

@@ -1,4 +1,4 @@
-"""``rtagger train run`` and ``rtagger train pseudo``: thin commands over the fit room."""
+"""``rtagger train run``, ``pseudo`` and ``head``: thin commands over the fit room."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def _fail(e: Exception) -> typer.Exit:
 
 
 def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
-    """Add ``run`` and ``pseudo`` to the ``rtagger train`` group (none go under ``data``)."""
+    """Add ``run``, ``pseudo``, ``head`` and ``head-labels`` to the ``rtagger train`` group
+    (none go under ``data``)."""
     del data_app
 
     @train_app.command("run")
@@ -42,11 +43,15 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
 
     @train_app.command("pseudo")
     def pseudo(
-        teacher: Path = typer.Option(..., "--teacher", help="Teacher checkpoint."),
+        teacher: Path = typer.Option(None, "--teacher", help="Teacher checkpoint (with "
+                                     "--musicnn: the member for v1's tags)."),
         manifest: list[Path] = typer.Option(..., "--manifest", help="Unlabelled manifest(s)."),
         cache: Path = typer.Option(Path("data/cache"), "--cache"),
         out: Path = typer.Option(..., "--out", "-o"),
         hop: float = typer.Option(WINDOW_S, "--hop", help="Seconds between windows."),
+        musicnn: list[Path] = typer.Option([], "--musicnn", help="Converted musicnn teacher "
+                                           "(repeatable): label vocabulary v2 with the "
+                                           "ensemble (rtagger data teachers)."),
     ) -> None:
         """Label every window of unlabelled audio with a teacher (resumable, torchrun-able).
 
@@ -57,8 +62,63 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
 
         try:
             tracks = [t for m in manifest for t in read_manifest(m)]
-            report = pseudo_label(teacher, tracks, cache, out, hop_s=hop)
+            report = pseudo_label(teacher, tracks, cache, out, hop_s=hop,
+                                  musicnn=tuple(musicnn))
         except RtaggerError as e:
             raise _fail(e) from None
         typer.echo(f"{report.shards_written} shards written, {report.shards_skipped} already "
                    f"done, {report.windows} windows labelled -> {out}")
+
+    @train_app.command("head")
+    def head(
+        db: Path = typer.Option(..., "--db", help="A catalog (rtagger catalog add)."),
+        labels: Path = typer.Option(..., "--labels", help="CSV: track,TAG1,TAG2,... with "
+                                    "1 / 0 / blank (unknown) per tag."),
+        out: Path = typer.Option(..., "--out", "-o", help="The checkpoint to write."),
+        truth: Path = typer.Option(None, "--truth", help="Clean labels (same CSV form) to "
+                                   "score the cross-validated predictions against."),
+        epochs: int = typer.Option(300, "--epochs", min=1),
+        folds: int = typer.Option(5, "--folds", min=2),
+        weight_decay: float = typer.Option(1e-3, "--weight-decay", min=0.0),
+        seed: int = typer.Option(0, "--seed"),
+        report_out: Path = typer.Option(None, "--report", help="Also write the JSON report."),
+    ) -> None:
+        """Learn a platform's own tags on the catalog's frozen embeddings; cross-validated
+        report (ROC/PR per tag with intervals, calibration) and a standard checkpoint."""
+        import json
+
+        from rtagger.atomic import atomic_write
+        from rtagger.train.fit.head import HeadConfig, train_head
+
+        try:
+            report = train_head(db, labels, out, HeadConfig(epochs=epochs, folds=folds,
+                                                            weight_decay=weight_decay,
+                                                            seed=seed), truth)
+        except RtaggerError as e:
+            raise _fail(e) from None
+        text = json.dumps(report, indent=2) + "\n"
+        if report_out is not None:
+            atomic_write(report_out, text)
+        typer.echo(text, nl=False)
+
+    @train_app.command("head-labels")
+    def head_labels(
+        db: Path = typer.Option(..., "--db", help="A catalog added from a manifest."),
+        tags: str = typer.Option(..., "--tags", help="Comma-separated tags to label."),
+        hide: float = typer.Option(0.7, "--hide", help="Share of labels left blank."),
+        flip: float = typer.Option(0.1, "--flip", help="Share of shown labels inverted."),
+        seed: int = typer.Option(0, "--seed"),
+        out: Path = typer.Option(..., "--out", "-o", help="The noisy, partial labels CSV."),
+        truth_out: Path = typer.Option(..., "--truth-out", help="Every clean label."),
+    ) -> None:
+        """Benchmark labels for `train head` from a catalog's manifest tags: hidden, flipped."""
+        import json
+
+        from rtagger.train.fit.head import noisy_labels
+
+        try:
+            res = noisy_labels(db, [t for t in tags.split(",") if t], hide, flip, seed, out,
+                               truth_out)
+        except RtaggerError as e:
+            raise _fail(e) from None
+        typer.echo(json.dumps(res))
