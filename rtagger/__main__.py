@@ -1,3 +1,4 @@
 from rtagger.cli.main import main
 
-main()
+if __name__ == "__main__":  # multiprocessing's spawned workers import this without running it
+    main()

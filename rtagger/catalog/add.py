@@ -49,7 +49,7 @@ from rtagger.catalog.sources import Source
 from rtagger.catalog.store import Catalog, CatalogError, Setup, TrackRecord
 from rtagger.errors import RtaggerError
 from rtagger.model.checkpoint import tags_sha256
-from rtagger.model.vocab import VOCAB_V1, tags_v1
+from rtagger.model.vocab import vocabulary_version
 from rtagger.pipeline.tagger import Tagger
 from rtagger.pipeline.worker import InferenceWorker
 
@@ -70,8 +70,7 @@ def setup_of(tagger: Tagger) -> Setup:
     m = tagger.model
     tags = tuple(m.tags)
     digest = tags_sha256(list(tags))
-    vocabulary = (VOCAB_V1.removesuffix(".csv") if list(tags) == tags_v1()
-                  else f"custom-{digest[:12]}")
+    vocabulary = vocabulary_version(list(tags)) or f"custom-{digest[:12]}"
     return Setup(weights_sha256=m.weights_sha256 or "", hop_s=tagger.hop / SAMPLE_RATE,
                  aggregation=tagger.new_session().context.method, model_name=m.name,
                  model_source=m.source or m.name, trained=m.trained, tags=tags,
@@ -248,10 +247,10 @@ def add_to_catalog(
         on_progress(report)
 
     aggregator = tagger.model.aggregator if setup.aggregation == "aggregator" else None
-    # fork: the workers only decode (no torch); spawn/forkserver would re-run the CLI's
-    # __main__ in every worker.
+    # spawn, not fork: by the time jobs are submitted the inference thread runs, and a fork
+    # of a process with live threads may inherit a held lock.
     pool = cf.ProcessPoolExecutor(report.workers,
-                                  mp_context=multiprocessing.get_context("fork"))
+                                  mp_context=multiprocessing.get_context("spawn"))
     owner = InferenceWorker(tagger.engine, aggregator, max_batch=max_batch,
                             max_wait_s=0.002)
     pending: dict[cf.Future, tuple[str, _Job]] = {}

@@ -56,7 +56,7 @@ def test_stored_tags_taggram_and_embedding_equal_tag_file(tmp_path, library, deb
             assert rec.duration_s == pytest.approx(ref.duration_s, abs=1e-3)
         setup = cat.setup()
         assert setup.weights_sha256 == debug_model.weights_sha256
-        assert setup.vocabulary == "synth_tags_v1" and setup.hop_s == 2.0
+        assert setup.vocabulary == "v1" and setup.hop_s == 2.0
     # WAL: a second reader sees the committed rows while nothing is open
     assert sqlite3.connect(tmp_path / "cat.db").execute(
         "PRAGMA journal_mode").fetchone()[0] == "wal"
