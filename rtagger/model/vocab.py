@@ -25,10 +25,15 @@ VOCAB_V2 = "tags_v2.csv"
 
 
 @cache
-def load_vocabulary(name: str = VOCAB_V1) -> tuple[tuple[str, str, str], ...]:
-    """``(tag, group, rule)`` rows of a bundled vocabulary, in their fixed order."""
+def _read(name: str) -> tuple[dict[str, str], ...]:
+    """The rows of a bundled vocabulary CSV, in their fixed order (the one reader)."""
     text = resources.files("rtagger.data").joinpath(name).read_text(encoding="utf-8")
-    return tuple((r["tag"], r["group"], r["rule"]) for r in csv.DictReader(text.splitlines()))
+    return tuple(csv.DictReader(text.splitlines()))
+
+
+def load_vocabulary(name: str = VOCAB_V1) -> tuple[tuple[str, str, str], ...]:
+    """``(tag, group, rule)`` rows of v1, in their fixed order."""
+    return tuple((r["tag"], r["group"], r["rule"]) for r in _read(name))
 
 
 def tags_v1() -> list[str]:
@@ -39,11 +44,9 @@ def tag_groups_v1() -> dict[str, str]:
     return {t: g for t, g, _ in load_vocabulary()}
 
 
-@cache
 def _v2_rows() -> tuple[tuple[str, str, tuple[str, ...], str], ...]:
-    text = resources.files("rtagger.data").joinpath(VOCAB_V2).read_text(encoding="utf-8")
     return tuple((r["tag"], r["group"], tuple(r["sources"].split(";")), r["note"])
-                 for r in csv.DictReader(text.splitlines()))
+                 for r in _read(VOCAB_V2))
 
 
 def tags_v2() -> list[str]:
