@@ -178,18 +178,22 @@ def cross_validate(w: Windows, y: np.ndarray, cfg: HeadConfig) -> np.ndarray:
 
 def score(y: np.ndarray, p: np.ndarray, tags: list[str], cfg: HeadConfig) -> dict:
     """Per-tag ROC-AUC / PR-AUC with 95% bootstrap intervals, and a calibration table."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
+    from rtagger.train.evaluation.evaluate import METRICS, bootstrap_ci, macro_auc
 
-    rng = np.random.default_rng(cfg.seed + 1)
     per_tag = {}
     for j, tag in enumerate(tags):
         known = ~np.isnan(y[:, j])
         yy, pp = y[known, j], p[known, j]
         row = {"labelled": int(known.sum()), "positives": int(yy.sum())}
-        if 0 < yy.sum() < len(yy):
-            row["roc_auc"], row["roc_auc_95"] = _with_interval(roc_auc_score, yy, pp, rng, cfg)
-            row["pr_auc"], row["pr_auc_95"] = _with_interval(average_precision_score, yy, pp,
-                                                             rng, cfg)
+        if 0 < yy.sum() < len(yy):  # the project's metrics, on this tag's labelled tracks
+            value = macro_auc(yy[:, None], pp[:, None])
+            for m in METRICS:
+                row[m] = value[m]
+                try:
+                    row[f"{m}_95"] = list(bootstrap_ci(yy[:, None], pp[:, None], m,
+                                                       n=cfg.bootstrap, seed=cfg.seed + 1 + j))
+                except ValueError:  # too few labelled tracks for any scorable resample
+                    row[f"{m}_95"] = [math.nan, math.nan]
             row["prevalence"] = float(yy.mean())  # PR-AUC of a random ranking
         per_tag[tag] = row
     known = ~np.isnan(y)
@@ -207,17 +211,6 @@ def score(y: np.ndarray, p: np.ndarray, tags: list[str], cfg: HeadConfig) -> dic
     return {"macro_roc_auc": float(np.mean(rocs)) if rocs else None,
             "macro_pr_auc": float(np.mean(prs)) if prs else None,
             "per_tag": per_tag, "calibration": calib}
-
-
-def _with_interval(metric, y: np.ndarray, p: np.ndarray, rng, cfg: HeadConfig):
-    value = float(metric(y, p))
-    boots = []
-    for _ in range(cfg.bootstrap):
-        i = rng.integers(0, len(y), len(y))
-        if 0 < y[i].sum() < len(i):
-            boots.append(metric(y[i], p[i]))
-    lo, hi = np.percentile(boots, [2.5, 97.5]) if boots else (math.nan, math.nan)
-    return value, [float(lo), float(hi)]
 
 
 def head_checkpoint(catalog: Catalog, tags: list[str], weight: torch.Tensor,
