@@ -21,7 +21,6 @@ command was run.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from rtagger.audio.decode import is_url
 from rtagger.errors import ConfigError
+from rtagger.jsonl import JsonlError, read_records
 
 AUDIO_SUFFIXES = frozenset({".mp3", ".flac", ".wav", ".ogg", ".oga", ".opus", ".m4a", ".aac",
                             ".wma", ".aif", ".aiff", ".mp4", ".webm", ".mka", ".wv", ".ape"})
@@ -114,18 +114,11 @@ def _read_manifest(path: Path) -> Iterator[Source]:
             for lineno, row in enumerate(reader, start=2):
                 yield _manifest_source(dict(row), path, lineno)
         return
-    lines = path.read_text(encoding="utf-8").split("\n")
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            if lineno == len(lines):  # a killed writer's last line, as the manifest allows
-                return
-            raise ConfigError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise ConfigError(f"{path}:{lineno}: expected a JSON object")
+    try:
+        records = read_records(path)
+    except JsonlError as e:
+        raise ConfigError(str(e)) from None
+    for lineno, obj in records:
         yield _manifest_source(obj, path, lineno)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from rtagger.errors import RtaggerError
-from rtagger.train.data.jsonl import JsonlAppender, JsonlError, read_records
+from rtagger.jsonl import JsonlAppender, JsonlError, read_records
 
 log = logging.getLogger(__name__)
 

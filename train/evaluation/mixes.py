@@ -21,12 +21,12 @@ import numpy as np
 from rtagger.atomic import atomic_path
 from rtagger.audio.decode import SAMPLE_RATE, WINDOW_SAMPLES, load_audio
 from rtagger.audio.encode import write_flac
+from rtagger.jsonl import JsonlAppender, read_records
 from rtagger.live.protocol import Start
 from rtagger.live.session import StreamSession
 from rtagger.model.checkpoint import TaggingModel, load_model
 from rtagger.pipeline.session import SegmenterConfig
 from rtagger.pipeline.tagger import Tagger
-from rtagger.train.data.jsonl import JsonlAppender, read_records
 from rtagger.train.data.manifest import Track
 from rtagger.train.progress import Bar
 

@@ -40,7 +40,7 @@ from typing import Any
 
 from rtagger.atomic import atomic_write
 from rtagger.audio.decode import SAMPLE_RATE
-from rtagger.train.data.jsonl import JsonlAppender, JsonlError, read_records
+from rtagger.jsonl import JsonlAppender, JsonlError, read_records
 from rtagger.train.synth.grooves import SynthError, check_soundfonts, check_tools
 from rtagger.train.synth.plan import GENERATOR_VERSION, plan_song
 from rtagger.train.synth.render import DEFAULT_RENDER_RATE_HZ, SCRATCH_DIR, synthesize_song

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rtagger.train.data.jsonl import JsonlAppender, JsonlError, read_records
+from rtagger.jsonl import JsonlAppender, JsonlError, read_records
 
 
 def test_append_resume_after_a_killed_writer(tmp_path):

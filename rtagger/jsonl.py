@@ -1,6 +1,7 @@
 """Append-only JSONL logs: the one idiom for records a long job adds one at a time.
 
-Manifests (pool, synthetic songs), the index of simulated mixes and similar logs are
+Manifests (pool, synthetic songs; the catalog reads them too), the index of simulated mixes
+and similar logs are
 append-only JSONL files: one JSON object per line, each line flushed (optionally fsynced)
 as soon as its record is done, so a job killed at any moment loses at most the line it was
 writing. Resuming reads the records that made it (:func:`read_records`, which tolerates
