@@ -117,6 +117,28 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
             raise _fail(e) from None
         typer.echo(report_markdown(report))
 
+    @train_app.command("speed")
+    def speed(
+        files: list[Path] = typer.Argument(..., help="Audio files (the same for both)."),
+        teacher: Path = typer.Option(..., "--teacher", help="Converted musicnn teacher "
+                                     "(rtagger data teachers), e.g. MTT_musicnn."),
+        model: str = typer.Option("default", "--model"),
+        threads: int = typer.Option(None, "--threads", min=1, help="torch threads."),
+        out: Path = typer.Option(None, "--out", "-o", help="Write the JSON report here."),
+    ) -> None:
+        """CPU time of rtagger's model vs a musicnn teacher on the same files."""
+        import json
+
+        from rtagger.train.evaluation.speed import compare_cpu, speed_markdown
+
+        try:
+            report = compare_cpu([str(f) for f in files], teacher, model, threads)
+        except RtaggerError as e:
+            raise _fail(e) from None
+        if out is not None:
+            out.write_text(json.dumps(report, indent=2) + "\n")
+        typer.echo(speed_markdown(report))
+
     @train_app.command("segeval")
     def segeval(
         model: str = typer.Argument(..., help="Checkpoint whose embeddings drive segmentation."),

@@ -1,4 +1,4 @@
-"""The live convergence curve: tags early in a stream against the whole song."""
+"""The live convergence curve (tags early in a stream vs the whole song) and CPU time vs musicnn."""
 
 from __future__ import annotations
 
@@ -58,3 +58,18 @@ def test_the_command_writes_json_markdown_and_a_plot(tmp_path):
     bad = CliRunner().invoke(app, ["convergence", str(model), "--manifest", str(manifest),
                                    "--out", str(tmp_path / "o2"), "--at", "soon"])
     assert bad.exit_code == 2 and "--at" in bad.output
+
+
+def test_speed_compares_cpu_time_with_a_musicnn_teacher(tmp_path):
+    from importlib import resources
+
+    from rtagger.train.evaluation.speed import compare_cpu, speed_markdown
+
+    vgg = resources.files("rtagger.train.teachers").joinpath("MTT_vgg.safetensors")
+    model = save_model(build_untrained("debug", seed=2), tmp_path / "m.safetensors")
+    files = [t.path for t in _songs(tmp_path, n=2, seconds=8.0)]
+    report = compare_cpu(files, str(vgg), str(model), threads=1)
+    assert report["files"] == 2 and abs(report["audio_s"] - 16.0) < 0.1
+    assert all(r["cpu_s"] > 0 for r in report["rows"].values())
+    assert report["cpu_ratio_musicnn_over_rtagger"] > 0
+    assert "x the CPU time" in speed_markdown(report)
