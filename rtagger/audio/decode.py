@@ -223,7 +223,14 @@ def _expected_duration(container, stream, name: str) -> float | None:
 
 def _wav_declared_duration(path: Path) -> float | None:
     with path.open("rb") as f:
-        head = f.read(1 << 16)
+        return wav_declared_duration(f.read(WAV_HEAD_BYTES))
+
+
+WAV_HEAD_BYTES = 1 << 16  # where a WAV file's fmt and data chunk headers must be
+
+
+def wav_declared_duration(head: bytes) -> float | None:
+    """Seconds the ``data`` chunk of a RIFF/WAVE file's first bytes declares (None: unset)."""
     if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return None  # RF64/W64 and friends: no cheap declared length
     pos, fmt = 12, None

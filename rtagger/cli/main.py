@@ -331,6 +331,12 @@ def serve(
     aggregation: Aggregation = typer.Option(Aggregation.auto, "--aggregation"),
     engine: str = ENGINE_OPTION,
     no_dashboard: bool = typer.Option(False, "--no-dashboard"),
+    max_upload_bytes: int = typer.Option(
+        512 * 2**20, "--max-upload-bytes", min=1024,
+        help="Largest encoded upload (websocket format encoded, POST /api/tag), bytes."),
+    max_upload_duration: float = typer.Option(
+        2 * 3600.0, "--max-upload-duration", min=1.0,
+        help="Most audio an encoded upload may decode to, seconds."),
 ) -> None:
     """Serve live tagging over websockets (protocol v1) with a dashboard page."""
     import asyncio
@@ -349,7 +355,8 @@ def serve(
                           allowed_hosts=tuple(h.lower() for h in allowed_host),
                           max_connections=max_connections, max_frame_bytes=max_frame_bytes,
                           first_message_timeout_s=first_message_timeout,
-                          dashboard=not no_dashboard, aggregation=aggregation.value)
+                          dashboard=not no_dashboard, aggregation=aggregation.value,
+                          max_upload_bytes=max_upload_bytes, max_upload_s=max_upload_duration)
 
     async def run() -> None:
         async with TagServer(tagger.model, tagger.engine, config) as srv:

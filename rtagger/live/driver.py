@@ -13,6 +13,10 @@ Overflow policy (per stream; the worker's own queue is bounded too)
       running ``dropped`` count, so lag never grows without bound.
     - uploads (``live=False``): :meth:`feed` waits until there is room (backpressure to the
       sender through TCP), so no window is lost and the final tags equal offline tagging.
+
+Encoded uploads are decoded in the event loop's default thread pool, one call at a time
+per stream (:meth:`feed` awaits it), so one stream's decoding never stalls the loop that
+serves the others; windowing and messages stay on the loop.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class SessionDriver:
         self._room.set()
         self._ended = False
         self._task: asyncio.Task | None = None
+        self._decoding: asyncio.Future | None = None  # an encoded upload's decode call
         self.latencies_ms: deque[float] = deque(maxlen=10_000)
 
     @property
@@ -65,13 +70,34 @@ class SessionDriver:
 
     async def feed(self, data: bytes) -> None:
         """One binary frame. Raises :class:`~rtagger.live.protocol.ProtocolError` on bad audio."""
-        self._enqueue(self.session.feed(data), time.perf_counter())
+        if self.session.decoder is None:
+            self._enqueue(self.session.feed(data), time.perf_counter())
+        else:
+            blocks = await self._in_thread(self.session.decode, data)
+            self._enqueue(self.session.push_blocks(blocks), time.perf_counter())
+            for notice in self.session.notices():
+                await self.emit(notice)
         if not self.live:
             await self._room.wait()
         self._raise_if_failed()
 
+    async def _in_thread(self, fn, *args):
+        """Run a decoder call in the default thread pool; one at a time per stream."""
+        self._decoding = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        try:
+            # Shielded: a cancelled caller must not leave the decoder mid-call unawaited.
+            return await asyncio.shield(self._decoding)
+        finally:
+            if self._decoding.done():
+                self._decoding = None
+
     async def end(self) -> dict:
         """Flush the stream, wait for every window's update, emit and return ``final``."""
+        if self.session.decoder is not None:
+            blocks = await self._in_thread(self.session.decode_end)
+            for notice in self.session.notices():
+                await self.emit(notice)
+            self._enqueue(self.session.push_blocks(blocks), time.perf_counter())
         self._enqueue(self.session.finish(), time.perf_counter())
         self._ended = True
         self._work.set()
@@ -89,6 +115,13 @@ class SessionDriver:
         expected; anything else deserves a log line. Either way it is retrieved here, so
         it is never reported as an unretrieved task exception later.
         """
+        if self._decoding is not None:
+            # A decode call still runs in its thread: let it return before the stream's
+            # state goes; its error, if any, is this stream's and was reported to it.
+            await asyncio.wait({self._decoding})
+            self._decoding = None
+        if self.session.decoder is not None:
+            self.session.decoder.close()
         if self._task is None:
             return None
         if not self._task.done():

@@ -6,7 +6,8 @@ the protocol; ``rtagger/data/protocol_v1.schema.json`` holds a JSON Schema for e
 
 Client -> server
     text ``start``      opens a stream: sample format, rate, channels, hop, options
-    binary frames       interleaved little-endian PCM in the announced format
+    binary frames       interleaved little-endian PCM in the announced format, or (format
+                        ``encoded``, revision 2) the bytes of an audio file, in order
     text ``end``        no more audio: the server flushes and answers ``final``
     text ``subscribe``  watch an existing stream (dashboards, several viewers)
 
@@ -26,12 +27,17 @@ from rtagger.audio.decode import SAMPLE_RATE, WINDOW_SAMPLES
 from rtagger.errors import RtaggerError
 
 PROTOCOL_VERSION = 1
+# Additions that keep v1 compatible: revision 2 adds format "encoded" (a file's bytes), the
+# notice and error codes of encoded uploads, and `formats` in `started`.
+PROTOCOL_REVISION = 2
 MAX_TEXT_BYTES = 16 * 1024
 # Client messages are flat objects: two levels of nesting is already more than v1 uses, and
 # bounding it before parsing keeps a deeply nested frame from reaching the JSON parser.
 MAX_JSON_DEPTH = 4
 MAX_INT_DIGITS = 18  # every integer field of v1 fits; Python's own limit is 4,300 digits
 SAMPLE_FORMATS = {"int16": np.dtype("<i2"), "float32": np.dtype("<f4")}
+ENCODED = "encoded"  # binary frames are the bytes of an audio file (MP3, FLAC, Ogg, M4A, WAV)
+FORMATS = (*SAMPLE_FORMATS, ENCODED)
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8_000, 192_000
 MAX_CHANNELS = 8
 _STREAM_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -55,7 +61,8 @@ ERROR_CODES = {
     "unsupported_version": "the client speaks another protocol version",
     "not_started": "audio or end arrived before start",
     "already_started": "a second start on the same connection",
-    "bad_audio": "a binary frame is not whole samples, or holds NaN/inf",
+    "bad_audio": "a binary frame is not whole samples, or holds NaN/inf; an encoded file is "
+                 "truncated or corrupt (the message says why)",
     "duration_limit": "the stream exceeded the server's maximum duration",
     "stream_limit": "the server is at its stream limit (admission control)",
     "unknown_stream": "subscribe named a stream that does not exist",
@@ -63,6 +70,12 @@ ERROR_CODES = {
     "connection_limit": "the server is at its connection limit",
     "unavailable": "the server cannot tag (its inference worker stopped): try another",
     "internal": "the server failed on this stream (others are unaffected)",
+    # revision 2: encoded uploads
+    "not_streamable": "notice, not fatal: the file's index is at its end (MP4/M4A with moov "
+                      "last), so tags come after its last byte",
+    "unsupported_format": "an encoded upload is not an allowed container or audio codec",
+    "upload_too_large": "an encoded upload passed the server's limit on encoded bytes",
+    "decoded_too_long": "an encoded upload decodes to more audio than the server's limit",
 }
 
 
@@ -79,8 +92,15 @@ class Start:
     top_k: int = 10
 
     @property
+    def encoded(self) -> bool:
+        """Binary frames carry a file's bytes; the server decodes them (to 16 kHz mono)."""
+        return self.sample_format == ENCODED
+
+    @property
     def bytes_per_frame(self) -> int:
-        """Bytes of one sample for every channel."""
+        """Bytes of one sample for every channel (1 for an encoded file: any split)."""
+        if self.encoded:
+            return 1
         return SAMPLE_FORMATS[self.sample_format].itemsize * self.channels
 
 
@@ -96,7 +116,7 @@ class Subscribe:
 
 @dataclass(frozen=True)
 class Audio:
-    """One binary frame of PCM, as the ``start`` message announced it."""
+    """One binary frame: PCM as the ``start`` message announced it, or a file's next bytes."""
 
     data: bytes
 
@@ -237,11 +257,19 @@ def _parse_start(msg: dict) -> Start:
         raise ProtocolError("unsupported_version", f"server speaks protocol "
                                                    f"{PROTOCOL_VERSION}, client {version}")
     fmt = msg.get("format", "int16")
-    if not isinstance(fmt, str) or fmt not in SAMPLE_FORMATS:
-        raise ProtocolError("bad_message", f"format must be one of {sorted(SAMPLE_FORMATS)}, "
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise ProtocolError("bad_message", f"format must be one of {list(FORMATS)}, "
                                            f"got {_short(fmt)}")
-    rate = _int(msg, "sample_rate", SAMPLE_RATE, MIN_SAMPLE_RATE, MAX_SAMPLE_RATE)
-    channels = _int(msg, "channels", 1, 1, MAX_CHANNELS)
+    if fmt == ENCODED:
+        given = sorted({"sample_rate", "channels"} & set(msg))
+        if given:
+            raise ProtocolError("bad_message", f"an encoded file states its own "
+                                               f"{' and '.join(given)}; leave them out")
+        # The server decodes the file to the model's rate, mono, before windowing.
+        rate, channels = SAMPLE_RATE, 1
+    else:
+        rate = _int(msg, "sample_rate", SAMPLE_RATE, MIN_SAMPLE_RATE, MAX_SAMPLE_RATE)
+        channels = _int(msg, "channels", 1, 1, MAX_CHANNELS)
     top_k = _int(msg, "top_k", 10, 1, 1000)
     hop_s = msg.get("hop_s", 1.0)
     window_s = WINDOW_SAMPLES / SAMPLE_RATE
@@ -250,7 +278,9 @@ def _parse_start(msg: dict) -> Start:
             or not 0.1 <= hop_s <= window_s):
         raise ProtocolError("bad_message", f"hop_s must be a number in [0.1, {window_s:.4f}], "
                                            f"got {_short(hop_s)}")
-    live, segment = msg.get("live", True), msg.get("segment", True)
+    # A file is an upload of one track: backpressure, no track changes, unless asked.
+    upload = fmt == ENCODED
+    live, segment = msg.get("live", not upload), msg.get("segment", not upload)
     if not isinstance(live, bool) or not isinstance(segment, bool):
         raise ProtocolError("bad_message", "live and segment must be booleans")
     sid = _stream_id(msg["stream_id"]) if "stream_id" in msg else None
@@ -258,6 +288,47 @@ def _parse_start(msg: dict) -> Start:
     if not isinstance(name, str) or len(name) > 200:
         raise ProtocolError("bad_message", "name must be a string of at most 200 characters")
     return Start(fmt, rate, channels, float(hop_s), live, segment, sid, name, top_k)
+
+
+# Query parameters of ``POST /api/tag`` -> their start fields (the body is the file).
+_QUERY_FIELDS = {"hop_s": "number", "live": "bool", "segment": "bool", "stream_id": "str",
+                 "name": "str", "top_k": "int", "version": "int"}
+
+
+def start_from_query(params: dict[str, list[str]]) -> Start:
+    """An HTTP upload's query (``parse_qs`` output, ``token`` removed) -> its :class:`Start`.
+
+    The same fields and checks as a websocket ``start`` with ``"format": "encoded"``;
+    raises :class:`ProtocolError` (``bad_message``) for unknown or repeated parameters.
+    """
+    msg: dict = {"type": "start", "format": ENCODED}
+    for key, values in params.items():
+        kind = _QUERY_FIELDS.get(key)
+        if kind is None:
+            raise ProtocolError("bad_message", f"unknown parameter {_short(key)}; known: "
+                                               f"{', '.join(sorted(_QUERY_FIELDS))}")
+        if len(values) != 1:
+            raise ProtocolError("bad_message", f"parameter {key} given {len(values)} times")
+        msg[key] = _query_value(key, values[0], kind)
+    return _parse_start(msg)
+
+
+def _query_value(key: str, text: str, kind: str) -> object:
+    if len(text) > 200:
+        raise ProtocolError("bad_message", f"parameter {key} is longer than 200 characters")
+    if kind == "str":
+        return text
+    if kind == "bool":
+        if text not in ("true", "false", "1", "0"):
+            raise ProtocolError("bad_message", f"{key} must be true or false, got "
+                                               f"{_short(text)}")
+        return text in ("true", "1")
+    try:
+        return json.loads(text, parse_int=_parse_int, parse_constant=_refuse_constant) \
+            if kind == "number" else _parse_int(text)
+    except (json.JSONDecodeError, ValueError):
+        raise ProtocolError("bad_message", f"{key} must be a number, got "
+                                           f"{_short(text)}") from None
 
 
 def _int(msg: dict, key: str, default: int, lo: int, hi: int) -> int:
@@ -299,9 +370,11 @@ def error_msg(code: str, message: str, stream_id: str | None = None, fatal: bool
 
 
 def started_msg(stream_id: str, start: Start, tags: list[str], model: dict) -> dict:
-    return {"type": "started", "version": PROTOCOL_VERSION, "stream_id": stream_id,
+    return {"type": "started", "version": PROTOCOL_VERSION, "revision": PROTOCOL_REVISION,
+            "formats": list(FORMATS), "stream_id": stream_id,
             "window_s": WINDOW_SAMPLES / SAMPLE_RATE, "hop_s": start.hop_s, "live": start.live,
-            "segment": start.segment, "tags": tags, "model": model}
+            "segment": start.segment, "format": start.sample_format, "tags": tags,
+            "model": model}
 
 
 def top_tags(tags: list[str], probs: np.ndarray, k: int) -> list[list]:

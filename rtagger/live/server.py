@@ -18,6 +18,12 @@ Health: ``GET /healthz`` answers 200 while the inference worker serves and 503 (
 reason) once it has stopped; new streams are then refused with ``unavailable``/1013, so a
 supervisor or load balancer can route around (or restart) an unhealthy process.
 
+Uploads: a websocket ``start`` with ``"format": "encoded"`` streams a file's bytes, and
+``POST /api/tag`` (or ``PUT``) takes the file as its request body and answers NDJSON, both
+decoded progressively (:mod:`rtagger.audio.progressive`) under ``--max-upload-bytes`` and
+``--max-upload-duration``. Both run the same stream code below; :mod:`rtagger.live.http_upload`
+routes each connection by its first bytes and reads the HTTP side.
+
 Subscribers (dashboards) get a bounded view of a stream: events (``segment``, ``final``)
 queue up to a limit, while ``update`` messages replace any update the viewer has not been
 sent yet, so a slow viewer sees the newest tags and never slows the stream.
@@ -33,6 +39,7 @@ import logging
 import sys
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from importlib import resources
@@ -43,7 +50,9 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from rtagger.audio.progressive import DEFAULT_MAX_BYTES, DEFAULT_MAX_DURATION_S
 from rtagger.engines import Engine
+from rtagger.live import http_upload
 from rtagger.live.driver import DEFAULT_MAX_BACKLOG, SessionDriver
 from rtagger.live.protocol import (
     Audio,
@@ -54,6 +63,7 @@ from rtagger.live.protocol import (
     Subscribe,
     encode,
     error_msg,
+    start_from_query,
     started_msg,
 )
 from rtagger.live.session import StreamSession
@@ -88,6 +98,9 @@ class ServerConfig:
     first_message_timeout_s: float = 10.0
     dashboard: bool = True
     aggregation: str = "auto"  # auto | mean
+    max_upload_bytes: int = DEFAULT_MAX_BYTES  # encoded bytes of one upload
+    max_upload_s: float = DEFAULT_MAX_DURATION_S  # decoded audio of one upload
+    http_idle_timeout_s: float = 30.0  # an HTTP upload's longest wait for its next byte
 
 
 class Subscriber:
@@ -150,6 +163,7 @@ class TagServer:
         self.n_connections = 0
         self._server = None
         self._dashboard_html: bytes | None = None
+        self._http_tasks: set[asyncio.Task] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -161,8 +175,14 @@ class TagServer:
             close_timeout=5,
             # PCM barely compresses, and deflating every frame costs both ends CPU.
             compression=None,
+            # HTTP uploads (POST/PUT) branch off before websockets parses the request.
+            create_connection=self._route,
         )
         return self
+
+    def _route(self, *args, **kwargs) -> http_upload.Router:
+        return http_upload.Router(lambda: ServerConnection(*args, **kwargs), self._http_upload,
+                           self._http_tasks)
 
     @property
     def port(self) -> int:
@@ -177,6 +197,10 @@ class TagServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        for task in list(self._http_tasks):
+            task.cancel()
+        if self._http_tasks:
+            await asyncio.wait(self._http_tasks)
         await asyncio.get_running_loop().run_in_executor(None, self.worker.close)
 
     async def __aenter__(self) -> TagServer:
@@ -197,26 +221,34 @@ class TagServer:
             # Probed by supervisors and load balancers, which send neither token nor a
             # public Host; it reveals only whether this process can tag.
             return self._health_response()
-        host = request.headers.get("Host", "")
-        if not self._host_ok(host):
-            return conn.respond(HTTPStatus.FORBIDDEN, f"host {host!r} not allowed (see "
-                                                      f"--allowed-host)\n")
-        if self.config.token is not None and not self._authorized(request, url.query):
-            return conn.respond(HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
-        origin = request.headers.get("Origin")
-        if origin is not None and not self._origin_ok(origin, request.headers):
-            return conn.respond(HTTPStatus.FORBIDDEN, f"origin {origin} not allowed\n")
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            if self.n_connections >= self.config.max_connections:
-                return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE,
-                                    f"server is at its limit of {self.config.max_connections} "
-                                    f"connections\n")
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        refusal = self._refusal(request.headers, url.query, opens=upgrade)
+        if refusal is not None:
+            return conn.respond(*refusal)
+        if upgrade:
             return None  # the websocket handshake continues
         if url.path == "/api/streams":
             return _json_response(self.list_streams())
         if url.path in ("/", "/dashboard") and self.config.dashboard:
             return _response(HTTPStatus.OK, self._dashboard(), "text/html; charset=utf-8")
         return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
+
+    def _refusal(self, headers: Headers, query: str, *, opens: bool
+                 ) -> tuple[HTTPStatus, str] | None:
+        """The access rules every request but ``/healthz`` passes: host, token, origin;
+        and, for a request that opens a connection (``opens``), the connection cap."""
+        host = headers.get("Host", "")
+        if not self._host_ok(host):
+            return HTTPStatus.FORBIDDEN, f"host {host!r} not allowed (see --allowed-host)\n"
+        if self.config.token is not None and not self._authorized(headers, query):
+            return HTTPStatus.UNAUTHORIZED, "missing or wrong token\n"
+        origin = headers.get("Origin")
+        if origin is not None and not self._origin_ok(origin, headers):
+            return HTTPStatus.FORBIDDEN, f"origin {origin} not allowed\n"
+        if opens and self.n_connections >= self.config.max_connections:
+            return (HTTPStatus.SERVICE_UNAVAILABLE, f"server is at its limit of "
+                    f"{self.config.max_connections} connections\n")
+        return None
 
     def health(self) -> dict:
         """``ok`` while the inference worker serves; streams, connections, worker counters."""
@@ -242,10 +274,10 @@ class TagServer:
             return True
         return not self.config.allowed_hosts and not _is_loopback(self.config.host)
 
-    def _authorized(self, request: Request, query: str) -> bool:
+    def _authorized(self, headers: Headers, query: str) -> bool:
         token = self.config.token or ""
         given = parse_qs(query).get("token", [""])[0]
-        auth = request.headers.get("Authorization", "")
+        auth = headers.get("Authorization", "")
         if auth.startswith("Bearer "):
             given = auth[len("Bearer "):]
         return hmac.compare_digest(given.encode(), token.encode())
@@ -311,6 +343,15 @@ class TagServer:
                               close=CLOSE_INTERNAL)
 
     async def _run_stream(self, ws: ServerConnection, start: Start, conn: Connection) -> None:
+        async def events() -> AsyncIterator[Audio | End]:
+            async for message in ws:
+                yield conn.receive(message)
+
+        if await self._stream(start, lambda msg: ws.send(encode(msg)), events()):
+            await ws.close(1000, "stream complete")
+
+    def _admit(self, start: Start) -> str:
+        """Admission control for a new stream -> its id; raises :class:`ProtocolError`."""
         if not self.worker.alive:
             raise ProtocolError("unavailable", "this server cannot tag: its inference worker "
                                 f"stopped ({self.worker.health()['reason']}); see /healthz")
@@ -320,9 +361,21 @@ class TagServer:
         sid = start.stream_id or uuid.uuid4().hex[:12]
         if sid in self.streams:
             raise ProtocolError("bad_message", f"stream_id {sid!r} is already in use")
-        aggregator = self.worker.aggregator
-        session = StreamSession(sid, start, self.model.tags, aggregator,
-                                max_duration_s=self.config.max_duration_s)
+        return sid
+
+    async def _stream(self, start: Start, send: Callable[[dict], Awaitable[None]],
+                      events: AsyncIterator[Audio | End]) -> bool:
+        """One stream, websocket or HTTP: admit it, run ``events``, ``send`` its messages.
+
+        Returns True after ``end`` and the ``final`` message, False when the events stop
+        without an ``end`` (the client went). Raises :class:`ProtocolError` for the client.
+        """
+        sid = self._admit(start)  # no await before the registration: admission is exact
+        c = self.config
+        session = StreamSession(sid, start, self.model.tags, self.worker.aggregator,
+                                max_duration_s=c.max_duration_s,
+                                max_upload_bytes=c.max_upload_bytes,
+                                max_upload_s=c.max_upload_s)
         entry = _Stream(session, start.name or sid)
         self.streams[sid] = entry
 
@@ -331,15 +384,14 @@ class TagServer:
                 entry.history.append(msg)
             for sub in entry.subscribers:
                 sub.offer(msg)
-            await ws.send(encode(msg))
+            await send(msg)
 
-        driver = SessionDriver(session, self.worker, emit, max_backlog=self.config.max_backlog)
+        driver = SessionDriver(session, self.worker, emit, max_backlog=c.max_backlog)
         ended = False
         try:
-            await ws.send(encode(started_msg(sid, start, self.model.tags, self._model_info())))
+            await send(started_msg(sid, start, self.model.tags, self._model_info()))
             driver.start()
-            async for message in ws:
-                msg = conn.receive(message)
+            async for msg in events:
                 if isinstance(msg, Audio):
                     await driver.feed(msg.data)
                 elif isinstance(msg, End):
@@ -348,15 +400,15 @@ class TagServer:
                     # Unregister before the close handshake: a late subscriber must not
                     # attach to a stream whose final was already sent.
                     self.streams.pop(sid, None)
-                    await ws.close(1000, "stream complete")
-                    return
+                    return True
+            return False
         finally:
             self.streams.pop(sid, None)
             failure = await driver.cancel()
             # Log what nobody else will: a failure raised to the handler is logged there,
             # and a failed send to a client that has gone is expected.
             if (failure is not None and failure is not sys.exc_info()[1]
-                    and not isinstance(failure, ConnectionClosed)):
+                    and not isinstance(failure, ConnectionClosed | ConnectionError)):
                 log.error("stream %s: processing failed", sid, exc_info=failure)
             if not ended:
                 # Error or vanished client: viewers still get a final, so none waits forever.
@@ -364,6 +416,78 @@ class TagServer:
                     "reason": "disconnected"}
                 for sub in entry.subscribers:
                     sub.offer(final)
+
+    # --- HTTP uploads ---------------------------------------------------------------------
+
+    async def _http_upload(self, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+        self.n_connections += 1
+        try:
+            await self._serve_http(reader, writer)
+        finally:
+            self.n_connections -= 1
+            await http_upload.close(writer)
+
+    async def _serve_http(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        """``POST``/``PUT /api/tag``: the body is the file; the answer streams NDJSON."""
+        peer = writer.get_extra_info("peername")
+        response = http_upload.NdjsonResponse(writer)
+        try:
+            req = await http_upload.read_head(reader, self.config.first_message_timeout_s)
+            url = urlsplit(req.target)
+            if url.path != "/api/tag":
+                raise http_upload.HttpError(HTTPStatus.NOT_FOUND, "not found (uploads go to POST "
+                                                           "/api/tag)")
+            refusal = self._refusal(req.headers, url.query, opens=False)
+            if refusal is None and self.n_connections > self.config.max_connections:
+                refusal = (HTTPStatus.SERVICE_UNAVAILABLE, f"server is at its limit of "
+                           f"{self.config.max_connections} connections")
+            if refusal is not None:
+                raise http_upload.HttpError(refusal[0], refusal[1].strip())
+            length = http_upload.body_length(req.headers)
+            if length is not None and length > self.config.max_upload_bytes:
+                raise _http_error(ProtocolError("upload_too_large", f"Content-Length {length} "
+                                  f"exceeds the limit of {self.config.max_upload_bytes} bytes"))
+            params = parse_qs(url.query, keep_blank_values=True)
+            params.pop("token", None)
+            start = start_from_query(params)
+            if req.headers.get("Expect", "").lower() == "100-continue":
+                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+            async def send(msg: dict) -> None:
+                if not response.started:
+                    await response.start()
+                await response.send(msg)
+
+            async def events() -> AsyncIterator[Audio | End]:
+                idle_s = self.config.http_idle_timeout_s
+                async for piece in http_upload.body_pieces(reader, length, idle_s):
+                    yield Audio(piece)
+                yield End()
+
+            await self._stream(start, send, events())
+            await response.end()
+        except ProtocolError as e:
+            log.info("http upload from %s: %s", peer, e)
+            if not response.started:
+                await http_upload.refuse(writer, _http_error(e), reader)
+                return
+            await _http_fail(response, reader, e.code, e.message)
+        except http_upload.HttpError as e:
+            log.info("http upload from %s: %s", peer, e)
+            await http_upload.refuse(writer, e, reader)
+        except (ConnectionError, TimeoutError) as e:
+            log.info("http upload from %s: %s", peer, e)  # cut short, or idle: it has gone
+            if response.started:
+                await _http_fail(response, reader, "timeout" if isinstance(e, TimeoutError)
+                                 else "bad_message", str(e))
+        except WorkerStopped as e:
+            log.error("http upload from %s: %s", peer, e)
+            await _http_fail(response, reader, "unavailable", str(e))
+        except Exception:
+            log.exception("http upload from %s failed", peer)
+            await _http_fail(response, reader, "internal", "internal error on this stream")
 
     async def _run_subscriber(self, ws: ServerConnection, msg: Subscribe) -> None:
         entry = self.streams.get(msg.stream_id)
@@ -411,6 +535,35 @@ async def _send_error(ws: ServerConnection, err: str, message: str, *, close: in
         await ws.close(close, err)
     except ConnectionClosed:
         pass  # it is already gone; nothing left to tell
+
+
+# HTTP status of a refusal sent before the NDJSON answer started.
+_HTTP_STATUS = {"stream_limit": HTTPStatus.SERVICE_UNAVAILABLE,
+                "connection_limit": HTTPStatus.SERVICE_UNAVAILABLE,
+                "unavailable": HTTPStatus.SERVICE_UNAVAILABLE,
+                "upload_too_large": HTTPStatus.REQUEST_ENTITY_TOO_LARGE}
+
+
+def _http_error(e: ProtocolError) -> http_upload.HttpError:
+    return http_upload.HttpError(_HTTP_STATUS.get(e.code, HTTPStatus.BAD_REQUEST), e.message,
+                          body=error_msg(e.code, e.message))
+
+
+async def _http_fail(response: http_upload.NdjsonResponse, reader: asyncio.StreamReader,
+                     code: str, message: str) -> None:
+    """An error after the answer started: a last NDJSON line, then the end of the body.
+
+    What the client still sends is then read (for a moment) and dropped: closing with
+    unread bytes would reset the connection, and the client might miss the error line.
+    """
+    try:
+        if not response.started:
+            await response.start()
+        await response.send(error_msg(code, message))
+        await response.end()
+    except (ConnectionError, OSError):
+        return  # the client has gone
+    await http_upload.discard(reader, response.writer)
 
 
 def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:

@@ -2,8 +2,9 @@
 
 A :class:`StreamSession` is a :class:`~rtagger.pipeline.session.TrackSession` (resampler,
 ring buffer, track context, segmenter, tag stabiliser) plus what protocol v1 adds: binary
-frames decoded per the ``start`` message, the server's duration limit, counters and the
-``update``/``segment``/``final`` messages. The server and the local ``listen``/``stream``
+frames decoded per the ``start`` message (PCM, or an encoded file through
+:class:`~rtagger.audio.progressive.ProgressiveDecoder`), the server's limits, counters and
+the ``update``/``segment``/``final`` messages. The server and the local ``listen``/``stream``
 commands drive it through :class:`~rtagger.live.driver.SessionDriver`; tests drive it
 directly::
 
@@ -12,15 +13,31 @@ directly::
     events = session.add_window(window, probs, emb)     # maybe a `segment` event
     track = <aggregate session.context>                 # worker, or mean pooling
     update = session.update_msg(window, probs, track, latency_ms)
+
+An encoded upload's decoding costs CPU, so the driver may run :meth:`StreamSession.decode`
+(which touches the decoder and nothing else) in a thread and :meth:`StreamSession.push`
+on its own task: ``session.push_blocks(session.decode(data))`` is :meth:`feed`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 
 from rtagger.audio.decode import SAMPLE_RATE
+from rtagger.audio.progressive import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_DURATION_S,
+    DecodedTooLong,
+    NotAllowed,
+    ProgressiveDecoder,
+    UploadTooLarge,
+)
 from rtagger.audio.ringbuffer import Window
-from rtagger.live.protocol import ProtocolError, Start, decode_pcm, top_tags
+from rtagger.errors import AudioError
+from rtagger.live.protocol import ProtocolError, Start, decode_pcm, error_msg, top_tags
 from rtagger.model.network import ContextAggregator
 from rtagger.pipeline.session import SegmenterConfig, TrackSession
 
@@ -30,7 +47,9 @@ class StreamSession(TrackSession):
 
     def __init__(self, stream_id: str, start: Start, tags: list[str],
                  aggregator: ContextAggregator | None, *, max_duration_s: float = 6 * 3600.0,
-                 segmenter: SegmenterConfig | None = None) -> None:
+                 segmenter: SegmenterConfig | None = None,
+                 max_upload_bytes: int = DEFAULT_MAX_BYTES,
+                 max_upload_s: float = DEFAULT_MAX_DURATION_S) -> None:
         super().__init__(tags, aggregator, sample_rate=start.sample_rate,
                          channels=start.channels, hop=round(start.hop_s * SAMPLE_RATE),
                          source=stream_id, segment=start.segment, segmenter=segmenter)
@@ -39,15 +58,56 @@ class StreamSession(TrackSession):
         self.max_duration_s = max_duration_s
         self.seq = 0
         self.dropped = 0  # windows skipped because the stream fell behind (live only)
+        self.decoder = (ProgressiveDecoder(max_bytes=max_upload_bytes,
+                                           max_duration_s=min(max_upload_s, max_duration_s),
+                                           source=f"upload {stream_id}")
+                        if start.encoded else None)
+        self._told_not_streamable = False
+
+    @property
+    def received_bytes(self) -> int:
+        """Encoded bytes taken so far (encoded uploads; 0 for PCM)."""
+        return self.decoder.received if self.decoder is not None else 0
 
     def feed(self, data: bytes) -> list[Window]:
         """A binary frame -> the windows it completes. Raises :class:`ProtocolError`."""
-        pcm = decode_pcm(data, self.start)
-        if self.received_s + len(pcm) / self.start.channels / self.start.sample_rate \
-                > self.max_duration_s:
+        return self.push_blocks(self.decode(data))
+
+    def decode(self, data: bytes) -> list[np.ndarray]:
+        """A binary frame -> PCM blocks at the start's rate and channels (no windowing).
+
+        Touches only the decoder, so it may run in another thread than the rest.
+        """
+        if self.decoder is None:
+            return [decode_pcm(data, self.start)]
+        with _protocol_errors():
+            return self.decoder.feed(data)
+
+    def decode_end(self) -> list[np.ndarray]:
+        """End of an encoded file: the PCM still inside the decoder (PCM streams: none)."""
+        if self.decoder is None:
+            return []
+        with _protocol_errors():
+            return self.decoder.finish()
+
+    def push_blocks(self, blocks: list[np.ndarray]) -> list[Window]:
+        """Decoded blocks -> the windows they complete, within the duration limit."""
+        n = sum(b.size for b in blocks) / self.start.channels
+        if self.received_s + n / self.start.sample_rate > self.max_duration_s:
             raise ProtocolError("duration_limit", f"stream longer than the server's limit "
                                                   f"of {self.max_duration_s:.0f} s")
-        return self.push(pcm)
+        return [w for b in blocks for w in self.push(b)]
+
+    def notices(self) -> list[dict]:
+        """Non-fatal ``error`` messages due now (once each): ``not_streamable``."""
+        if (self.decoder is not None and self.decoder.streamable is False
+                and not self._told_not_streamable):
+            self._told_not_streamable = True
+            return [error_msg("not_streamable", "this MP4/M4A keeps its index (moov) after "
+                              "the audio, so it cannot be decoded before its last byte: "
+                              "tags come at the end (remux with `-movflags +faststart` to "
+                              "preview while uploading)", self.stream_id, fatal=False)]
+        return []
 
     def add_window(self, window: Window, probs: np.ndarray, emb: np.ndarray) -> list[dict]:
         """Fold one tagged window into the track state; returns ``segment`` events."""
@@ -78,7 +138,8 @@ class StreamSession(TrackSession):
         }
 
     def final_msg(self, track: np.ndarray) -> dict:
-        return {
+        extra = {} if self.decoder is None else {"received_bytes": self.received_bytes}
+        return extra | {
             "type": "final",
             "stream_id": self.stream_id,
             "duration_s": round(self.received_s, 3),
@@ -87,3 +148,17 @@ class StreamSession(TrackSession):
             "dropped": self.dropped,
             "track": {t: round(float(p), 5) for t, p in zip(self.tags, track, strict=True)},
         }
+
+
+
+_AUDIO_ERROR_CODES = {NotAllowed: "unsupported_format", UploadTooLarge: "upload_too_large",
+                      DecodedTooLong: "decoded_too_long"}
+
+
+@contextmanager
+def _protocol_errors() -> Iterator[None]:
+    """Decoder errors -> :class:`ProtocolError` with their kind's code (else ``bad_audio``)."""
+    try:
+        yield
+    except AudioError as e:
+        raise ProtocolError(_AUDIO_ERROR_CODES.get(type(e), "bad_audio"), e.reason) from e
