@@ -30,6 +30,9 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
         = False,
         verify: Annotated[bool, typer.Option(help="Decode every file fully (slower).")]
         = False,
+        debian_dir: Annotated[Path, typer.Option(
+            "--debian-dir", help="Where `rtagger data debian` unpacked the packages.")]
+        = Path("data/debian"),
     ) -> None:
         """Build the unlabelled pool of real recordings (no tags) for semi-supervised training."""
         from rich.console import Console
@@ -37,13 +40,34 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
         from rtagger.train.data.pool import build_pool_report, print_report
 
         try:
-            report = build_pool_report(out, source or None, resume=resume, verify=verify)
+            report = build_pool_report(out, source or None, resume=resume, verify=verify,
+                                       debian_dir=debian_dir)
         except RtaggerError as e:
             Console(stderr=True).print(f"error: {e}", markup=False, highlight=False)
             raise typer.Exit(code=2) from None
         print_report(report, Console())
         if report.n_tracks == 0:
             raise typer.Exit(code=1)
+
+    @data_app.command("debian")
+    def debian_command(
+        packages: Annotated[list[str] | None, typer.Argument(
+            help="Packages (default: every pool package).")] = None,
+        out: Annotated[Path, typer.Option("--out", "-o", help="Folder for debs and files.")]
+        = Path("data/debian"),
+    ) -> None:
+        """Download and unpack the pool's Debian soundtrack packages (no root; resumable)."""
+        from rtagger.train.data.debian import fetch_packages
+
+        try:
+            status = fetch_packages(out, packages or None)
+        except RtaggerError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        for name, state in status.items():
+            typer.echo(f"{name}: {state}")
+        if any(s not in ("fetched", "present") for s in status.values()):
+            raise typer.Exit(1)
 
     @data_app.command("cache")
     def cache_command(

@@ -14,6 +14,7 @@ from decoding. A file that cannot be opened or decoded is recorded in the report
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -27,7 +28,15 @@ from pathlib import Path
 import numpy as np
 
 from rtagger.audio.decode import Resampler, load_audio
-from rtagger.errors import AudioError, ConfigError
+from rtagger.errors import AudioError
+from rtagger.train.data.debian import (
+    POOL_PACKAGES,
+    check_not_held_out,
+    fetched,
+    licence_of,
+    package,
+    root_of,
+)
 from rtagger.train.data.manifest import ManifestWriter, Track, parse_zip_ref, read_manifest, zip_ref
 
 log = logging.getLogger(__name__)
@@ -35,24 +44,12 @@ log = logging.getLogger(__name__)
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".aac",
                               ".aiff", ".aif"})
 ARCHIVE_EXTENSIONS = frozenset({".zip", ".pk3"})
-# Where each Debian package puts its music (globs, so a newer version's folder is found too).
-DEBIAN_SOURCES: dict[str, tuple[str, ...]] = {
-    "warzone2100-music": ("/usr/share/games/warzone2100/music",),
-    "ufoai-music": ("/usr/share/games/ufoai/base/0music.pk3",),
-}
-# Packages kept for held-out evaluation of rtagger's models: never in a pool or training set.
-HELD_OUT_PACKAGES = frozenset({
-    "planetblupi-music-ogg", "planetblupi-music-midi", "nexuiz-music", "wesnoth-1.16-music",
-    "fretsonfire-songs-muldjord", "fretsonfire-songs-sectoid", "hyperrogue-music",
-    "musescore-general-soundfont", "musescore-general-soundfont-lossless",
-    "musescore-general-soundfont-small",
-})
+DEFAULT_DEBIAN_DIR = Path("data/debian")  # where `rtagger data debian` unpacks packages
 
 
-def installed_sources() -> list[str]:
-    """The Debian sources of :data:`DEBIAN_SOURCES` whose files are on this machine."""
-    return [name for name, pats in DEBIAN_SOURCES.items()
-            if any(any(Path("/").glob(pat.lstrip("/"))) for pat in pats)]
+def installed_sources(debian_dir: str | Path = DEFAULT_DEBIAN_DIR) -> list[str]:
+    """The pool packages whose files are here: unpacked in ``debian_dir`` or installed."""
+    return [p.name for p in POOL_PACKAGES if root_of(p.name, debian_dir) is not None]
 
 
 @dataclass(frozen=True)
@@ -72,7 +69,17 @@ class PoolReport:
     seconds_by_source: dict[str, float] = field(default_factory=dict)
     failures: list[PoolFailure] = field(default_factory=list)
     missing_sources: list[str] = field(default_factory=list)
+    kind_by_source: dict[str, str] = field(default_factory=dict)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (skipped, kept)
     elapsed_s: float = 0.0
+
+    @property
+    def seconds_by_kind(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for label, s in self.seconds_by_source.items():
+            kind = self.kind_by_source.get(label, "other")
+            out[kind] = out.get(kind, 0.0) + s
+        return out
 
     @property
     def n_tracks(self) -> int:
@@ -91,28 +98,58 @@ class _Entry:
     meta: dict = field(default_factory=dict, hash=False)
 
 
-def _expand_sources(sources: list[str | Path] | None) -> tuple[list[tuple[str, Path]], list[str]]:
-    """``(label, path)`` pairs that exist, and the names of sources that do not."""
+def _expand_sources(sources: list[str | Path] | None, debian_dir: str | Path
+                    ) -> tuple[list[tuple[str, Path, dict]], list[str]]:
+    """``(label, path, package meta)`` for the sources that exist, and those that do not.
+
+    A pool package's meta is its package name, version, licence and kind: every track
+    from it carries them.
+    """
     found, missing = [], []
-    for src in list(DEBIAN_SOURCES) if sources is None else sources:
+    records = fetched(debian_dir)
+    for src in [p.name for p in POOL_PACKAGES] if sources is None else sources:
         name = str(src)
-        if name in HELD_OUT_PACKAGES or name.startswith("musescore-general-soundfont"):
-            raise ConfigError(f"{name} is held out for evaluating rtagger's models; it must "
-                              f"not go into a training pool")
-        if name in DEBIAN_SOURCES:
-            hits = sorted(p for pat in DEBIAN_SOURCES[name]
-                          for p in Path("/").glob(pat.lstrip("/")))
-            if hits:
-                found.extend((name, p) for p in hits)
-            else:
-                missing.append(f"{name} (package not installed)")
+        check_not_held_out(name)
+        pkg = package(name)
+        if pkg is not None:
+            root = root_of(name, debian_dir)
+            hits = sorted(h for g in pkg.globs for h in root.glob(g)) if root else []
+            if not hits:
+                missing.append(f"{name} (not fetched: rtagger data debian; nor installed)")
+                continue
+            meta = {"package": name, "kind": pkg.kind, **_package_facts(name, root, records)}
+            found.extend((name, h, meta) for h in hits)
             continue
         path = Path(src).expanduser()
         if path.exists():
-            found.append((path.name or str(path), path.absolute()))
+            found.append((path.name or str(path), path.absolute(), {}))
         else:
             missing.append(f"{name} (no such file or folder)")
     return found, missing
+
+
+def _package_facts(name: str, root: Path, records: dict[str, dict]) -> dict:
+    """Version and licence: from the fetch record, or from dpkg for an installed package."""
+    if name in records and root != Path("/"):
+        return {"version": records[name]["version"], "licence": records[name]["licence"]}
+    import subprocess
+
+    try:
+        version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", name],
+                                 capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        version = ""
+    return {"version": version or "unknown", "licence": licence_of(root, name)}
+
+
+def _content_sha256(ref: str) -> str:
+    """SHA-256 of a file's bytes, or of a zip member's (uncompressed) bytes."""
+    h = hashlib.sha256()
+    zipped = parse_zip_ref(ref)
+    with (zipfile.ZipFile(zipped[0]).open(zipped[1]) if zipped else open(ref, "rb")) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _entries(label: str, root: Path, failures: list[PoolFailure]) -> Iterator[_Entry]:
@@ -261,9 +298,13 @@ def build_pool_report(
     progress: bool = True,
     resume: bool = False,
     verify: bool = False,
+    debian_dir: str | Path = DEFAULT_DEBIAN_DIR,
 ) -> PoolReport:
     """Scan ``sources`` into ``out_manifest`` (JSONL) and return what was found.
 
+    ``sources``: folders, files, zip archives or pool package names (default: every pool
+    package, from ``debian_dir`` where ``rtagger data debian`` unpacked them, or from ``/``
+    when installed). Files whose bytes were already seen are skipped as duplicates.
     ``resume`` keeps the records already in ``out_manifest`` and probes only new files.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -271,19 +312,26 @@ def build_pool_report(
     t0 = time.perf_counter()
     out = Path(out_manifest)
     report = PoolReport(manifest=out)
-    roots, report.missing_sources = _expand_sources(sources)
+    roots, report.missing_sources = _expand_sources(sources, debian_dir)
     for m in report.missing_sources:
         log.warning("pool source skipped: %s", m)
     done: dict[str, Track] = {}
     if resume and out.exists():
         done = {t.path: t for t in read_manifest(out)}
-    entries = [e for label, root in roots for e in _entries(label, root, report.failures)]
+    entries = [_Entry(e.label, e.ref, e.rel, {**meta, **e.meta})
+               for label, root, meta in roots for e in _entries(label, root, report.failures)]
+    for label, _, meta in roots:
+        if "kind" in meta:
+            report.kind_by_source[label] = meta["kind"]
     # The same file reached through two sources (a package name and its path) counts once.
     unique: dict[str, _Entry] = {}
     for e in entries:
         unique.setdefault(e.ref, e)
     entries = list(unique.values())
     ids: set[str] = {t.id for t in done.values()}
+    # Content hashes: the same recording shipped twice (two packages, two folders) counts once.
+    seen: dict[str, str] = {t.extra["sha256"]: t.path for t in done.values()
+                            if "sha256" in (t.extra or {})}
     with ManifestWriter(out, append=resume) as writer, Progress(
         TextColumn("[bold]pool[/]"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.description}"), disable=not progress, transient=True,
@@ -294,11 +342,21 @@ def build_pool_report(
             track = done.get(e.ref)
             if track is None:
                 try:
+                    digest = _content_sha256(e.ref)
+                except (OSError, zipfile.BadZipFile, KeyError) as err:
+                    report.failures.append(PoolFailure(e.ref, f"unreadable ({_reason(err)})"))
+                    continue
+                if digest in seen:
+                    report.duplicates.append((e.ref, seen[digest]))
+                    continue
+                try:
                     info = probe(e.ref, verify=verify)
                 except AudioError as err:
                     report.failures.append(PoolFailure(e.ref, err.reason))
                     log.warning("pool: skipping %s", err)
                     continue
+                seen[digest] = e.ref
+                info["sha256"] = digest
                 tid = _unique_id(f"{e.label}/{e.rel}", ids)
                 artist = e.meta.get("artist")
                 extra = {"source": e.label, **{k: v for k, v in e.meta.items() if k != "artist"},
@@ -337,7 +395,7 @@ def build_pool(
     sources: list[str | Path] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Build the unlabelled pool manifest; ``None`` sources = the installed Debian packages."""
+    """Build the unlabelled pool manifest; ``None`` sources = every pool package found."""
     report = build_pool_report(out_manifest, sources, progress=progress)
     log.info("pool: %d recordings, %.2f h, %d failures -> %s", report.n_tracks, report.hours,
              len(report.failures), report.manifest)
@@ -350,12 +408,21 @@ def print_report(report: PoolReport, console) -> None:
 
     table = Table(title=f"Unlabelled pool -> {report.manifest}")
     table.add_column("source")
+    table.add_column("kind")
     table.add_column("recordings", justify="right")
     table.add_column("hours", justify="right")
     for label, n in sorted(report.count_by_source.items()):
-        table.add_row(label, str(n), f"{report.seconds_by_source[label] / 3600:.2f}")
-    table.add_row("[bold]total[/]", f"[bold]{report.n_tracks}[/]", f"[bold]{report.hours:.2f}[/]")
+        table.add_row(label, report.kind_by_source.get(label, "-"), str(n),
+                      f"{report.seconds_by_source[label] / 3600:.2f}")
+    table.add_row("[bold]total[/]", "", f"[bold]{report.n_tracks}[/]",
+                  f"[bold]{report.hours:.2f}[/]")
     console.print(table)
+    if report.kind_by_source:
+        kinds = sorted(report.seconds_by_kind.items(), key=lambda kv: -kv[1])
+        console.print("by kind: " + ", ".join(f"{k} {s / 3600:.2f} h" for k, s in kinds))
+    if report.duplicates:
+        console.print(f"{len(report.duplicates)} duplicate file(s) skipped (same bytes as one "
+                      f"already in the pool)")
     for m in report.missing_sources:
         console.print(f"[yellow]not found:[/] {m}")
     if report.failures:

@@ -134,10 +134,16 @@ def test_verify_decodes_everything(source):
 
 
 def test_missing_default_sources_are_reported_not_fatal(tmp_path, monkeypatch):
-    monkeypatch.setattr(pool, "DEBIAN_SOURCES", {"nope-music": ("/nonexistent/xyz/*",)})
-    report = build_pool_report(tmp_path / "m.jsonl", None, progress=False)
+    from rtagger.train.data import debian
+
+    monkeypatch.setattr(debian, "POOL_PACKAGES", (
+        debian.PoolPackage("nope-music", ("nonexistent/xyz/*",), "ambient"),))
+    monkeypatch.setattr(pool, "POOL_PACKAGES", debian.POOL_PACKAGES)
+    report = build_pool_report(tmp_path / "m.jsonl", None, progress=False,
+                               debian_dir=tmp_path / "debian")
     assert report.n_tracks == 0
-    assert report.missing_sources == ["nope-music (package not installed)"]
+    assert report.missing_sources == [
+        "nope-music (not fetched: rtagger data debian; nor installed)"]
     assert read_manifest(tmp_path / "m.jsonl") == []
     report = build_pool_report(tmp_path / "m.jsonl", [tmp_path / "absent"], progress=False)
     assert "no such file" in report.missing_sources[0]
@@ -177,12 +183,38 @@ def test_cli_prints_summary_and_failures(source, tmp_path):
     assert "not found" in result.output
 
 
-def test_installed_sources_finds_only_what_is_there(tmp_path, monkeypatch):
-    (tmp_path / "pkg" / "music").mkdir(parents=True)
-    monkeypatch.setattr(pool, "DEBIAN_SOURCES", {
-        "here": (str(tmp_path / "pkg" / "music"),), "glob": (str(tmp_path / "*" / "music"),),
-        "absent": (str(tmp_path / "nothing" / "*"),)})
-    assert pool.installed_sources() == ["here", "glob"]
+def test_packages_come_with_version_licence_kind_and_duplicates_count_once(source, tmp_path,
+                                                                            monkeypatch):
+    """An unpacked package (as `rtagger data debian` leaves it) feeds the pool with its facts;
+    the same recording in a second package (same bytes) is skipped."""
+    import shutil
+
+    from rtagger.jsonl import JsonlAppender
+    from rtagger.train.data import debian
+
+    d = tmp_path / "debian"
+    for name in ("alpha-music", "beta-music"):
+        music = d / "root" / name / "usr" / "share" / "games" / name
+        shutil.copytree(source / "sub", music)
+        doc = d / "root" / name / "usr" / "share" / "doc" / name
+        doc.mkdir(parents=True)
+        (doc / "copyright").write_text("Files: *\nCopyright: someone\nLicense: CC-BY-SA-3.0\n")
+    with JsonlAppender(d / "packages.jsonl") as f:
+        for name in ("alpha-music", "beta-music"):
+            f.write({"package": name, "version": "1.2-3", "licence": "CC-BY-SA-3.0"})
+    pkgs = tuple(debian.PoolPackage(n, (f"usr/share/games/{n}",), k)
+                 for n, k in (("alpha-music", "rock"), ("beta-music", "ambient")))
+    monkeypatch.setattr(debian, "POOL_PACKAGES", pkgs)
+    monkeypatch.setattr(pool, "POOL_PACKAGES", pkgs)
+    assert pool.installed_sources(d) == ["alpha-music", "beta-music"]
+    report = build_pool_report(tmp_path / "p.jsonl", None, progress=False, debian_dir=d)
+    tracks = read_manifest(tmp_path / "p.jsonl")
+    assert tracks and {t.extra["package"] for t in tracks} == {"alpha-music"}
+    assert {(t.extra["version"], t.extra["licence"], t.extra["kind"]) for t in tracks} == {
+        ("1.2-3", "CC-BY-SA-3.0", "rock")}
+    assert len({t.extra["sha256"] for t in tracks}) == len(tracks)
+    assert len(report.duplicates) == len(tracks)  # beta's copies of the same files
+    assert set(report.seconds_by_kind) == {"rock"}
 
 
 def test_held_out_packages_never_enter_a_pool(tmp_path):
@@ -191,12 +223,14 @@ def test_held_out_packages_never_enter_a_pool(tmp_path):
     for name in ("wesnoth-1.16-music", "nexuiz-music", "musescore-general-soundfont-small"):
         with pytest.raises(ConfigError, match="held out"):
             build_pool_report(tmp_path / "p.jsonl", [name], progress=False)
-    assert not set(pool.DEBIAN_SOURCES) & pool.HELD_OUT_PACKAGES
+    from rtagger.train.data.debian import POOL_PACKAGES, is_held_out
+
+    assert not any(is_held_out(p.name) for p in POOL_PACKAGES)
 
 
 def test_real_debian_packages(tmp_path):
     if not pool.installed_sources():
-        pytest.skip("warzone2100-music / ufoai-music packages not installed")
+        pytest.skip("no pool package fetched (rtagger data debian) or installed")
     report = build_pool_report(tmp_path / "real.jsonl", None, progress=False)
     assert report.n_tracks > 0 and report.hours > 0.5
     assert not report.failures
