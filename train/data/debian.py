@@ -15,6 +15,7 @@ track. Packages reserved for held-out evaluation are refused by name.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 import re
@@ -83,19 +84,52 @@ def fetched(debian_dir: str | Path) -> dict[str, dict]:
     return {r["package"]: r for _, r in read_records(Path(debian_dir) / "packages.jsonl")}
 
 
-def licence_of(root: Path, name: str) -> str:
-    """The licence(s) the package's ``copyright`` file names for its files (DEP-5), or the
-    first line that mentions a licence, or ``unknown``."""
+class Copyright:
+    """A package's ``copyright`` file, read as DEP-5: which licence covers which file.
+
+    Patterns name paths of the source tree, which differ from the installed paths, so a
+    file matches a pattern by its tail (``*/`` + pattern) or, for a pattern without
+    wildcards, by its name. As DEP-5 says, the last matching ``Files`` paragraph wins; a
+    file no paragraph names gets the ``Files: *`` licence. A file that is not DEP-5 gives
+    its first line that mentions a licence, for every file.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.paragraphs: list[tuple[list[str], str]] = []
+        for para in re.split(r"\n\s*\n", text):
+            files = re.search(r"^Files:(.*(?:\n[ \t].*)*)", para, re.MULTILINE)
+            licence = re.search(r"^License:\s*(.+)$", para, re.MULTILINE)
+            if files and licence:
+                self.paragraphs.append((files.group(1).split(), licence.group(1).strip()))
+        self.fallback = None
+        if not self.paragraphs:
+            self.fallback = next((ln.strip()[:120] for ln in text.splitlines() if re.search(
+                r"licen[cs]e|GPL|Creative Commons", ln, re.IGNORECASE)), "unknown")
+
+    def for_file(self, path: str) -> str:
+        if self.fallback is not None:
+            return self.fallback
+        name = path.rsplit("/", 1)[-1]
+        found = "unknown"
+        for patterns, licence in self.paragraphs:
+            for pat in patterns:
+                exact = not any(c in pat for c in "*?[")
+                if (fnmatch.fnmatchcase(path, pat) or fnmatch.fnmatchcase(path, "*/" + pat)
+                        or (exact and pat.rsplit("/", 1)[-1] == name)):
+                    found = licence
+        return found
+
+
+def copyright_of(root: Path, name: str) -> Copyright:
+    """The package's parsed ``usr/share/doc/<name>/copyright`` (``unknown`` if absent)."""
     path = root / "usr" / "share" / "doc" / name / "copyright"
-    if not path.is_file():
-        return "unknown"
-    text = path.read_text(encoding="utf-8", errors="replace")
-    found = [m.strip() for m in re.findall(r"^License:\s*(.+)$", text, re.MULTILINE)]
-    if found:
-        return " | ".join(dict.fromkeys(found))  # ordered, without repeats
-    line = next((ln.strip() for ln in text.splitlines()
-                 if re.search(r"licen[cs]e|GPL|Creative Commons", ln, re.IGNORECASE)), None)
-    return line[:120] if line else "unknown"
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    return Copyright(text)
+
+
+def licence_of(root: Path, name: str) -> str:
+    """The package's main licence: that of ``Files: *`` (or the fallback line)."""
+    return copyright_of(root, name).for_file("*")
 
 
 def fetch_packages(out_dir: str | Path, names: list[str] | None = None) -> dict[str, str]:

@@ -31,9 +31,10 @@ from rtagger.audio.decode import Resampler, load_audio
 from rtagger.errors import AudioError
 from rtagger.train.data.debian import (
     POOL_PACKAGES,
+    Copyright,
     check_not_held_out,
+    copyright_of,
     fetched,
-    licence_of,
     package,
     root_of,
 )
@@ -129,9 +130,9 @@ def _expand_sources(sources: list[str | Path] | None, debian_dir: str | Path
 
 
 def _package_facts(name: str, root: Path, records: dict[str, dict]) -> dict:
-    """Version and licence: from the fetch record, or from dpkg for an installed package."""
+    """Version and where it lives: from the fetch record, or dpkg for an installed one."""
     if name in records and root != Path("/"):
-        return {"version": records[name]["version"], "licence": records[name]["licence"]}
+        return {"version": records[name]["version"], "root": str(root)}
     import subprocess
 
     try:
@@ -139,7 +140,17 @@ def _package_facts(name: str, root: Path, records: dict[str, dict]) -> dict:
                                  capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         version = ""
-    return {"version": version or "unknown", "licence": licence_of(root, name)}
+    return {"version": version or "unknown", "root": str(root)}
+
+
+def _track_licence(entry: _Entry, copyrights: dict[str, Copyright]) -> str:
+    """The licence the package's copyright file gives this recording (DEP-5 ``Files``)."""
+    package_name, root = entry.meta["package"], Path(entry.meta["root"])
+    if package_name not in copyrights:
+        copyrights[package_name] = copyright_of(root, package_name)
+    zipped = parse_zip_ref(entry.ref)
+    path = zipped[1] if zipped else Path(entry.ref).relative_to(root).as_posix()
+    return copyrights[package_name].for_file(path)
 
 
 def _content_sha256(ref: str) -> str:
@@ -332,6 +343,7 @@ def build_pool_report(
     # Content hashes: the same recording shipped twice (two packages, two folders) counts once.
     seen: dict[str, str] = {t.extra["sha256"]: t.path for t in done.values()
                             if "sha256" in (t.extra or {})}
+    copyrights: dict[str, Copyright] = {}
     with ManifestWriter(out, append=resume) as writer, Progress(
         TextColumn("[bold]pool[/]"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.description}"), disable=not progress, transient=True,
@@ -357,9 +369,12 @@ def build_pool_report(
                     continue
                 seen[digest] = e.ref
                 info["sha256"] = digest
+                if "package" in e.meta:
+                    info["licence"] = _track_licence(e, copyrights)
                 tid = _unique_id(f"{e.label}/{e.rel}", ids)
                 artist = e.meta.get("artist")
-                extra = {"source": e.label, **{k: v for k, v in e.meta.items() if k != "artist"},
+                extra = {"source": e.label,
+                         **{k: v for k, v in e.meta.items() if k not in ("artist", "root")},
                          **{k: v for k, v in info.items() if k != "duration"}}
                 track = Track(tid, e.ref, (), "unlabelled", info["duration"], artist, extra)
                 writer.write(track)

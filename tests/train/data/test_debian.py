@@ -49,7 +49,10 @@ def test_fetch_unpacks_records_and_resumes(tmp_path, monkeypatch):
     assert debian.fetch_packages(out, ["demo-music"]) == {"demo-music": "fetched"}
     assert (out / "root" / "demo-music" / "usr/share/games/demo-music/theme.ogg").is_file()
     rec = debian.fetched(out)["demo-music"]
-    assert rec["version"] == "1.0-1" and rec["licence"] == "GPL-2+ | CC-BY-SA-3.0"
+    assert rec["version"] == "1.0-1" and rec["licence"] == "GPL-2+"  # Files: *
+    copyright = debian.copyright_of(out / "root" / "demo-music", "demo-music")
+    assert copyright.for_file("usr/share/games/demo-music/music/theme.ogg") == "CC-BY-SA-3.0"
+    assert copyright.for_file("usr/share/games/demo-music/theme.ogg") == "GPL-2+"
     assert len(rec["deb_sha256"]) == 64
     assert debian.fetch_packages(out, ["demo-music"]) == {"demo-music": "present"}
     versions["demo-music"] = "1.1-1"  # a newer version in the archive: fetched again
