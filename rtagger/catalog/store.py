@@ -130,13 +130,24 @@ class TrackRecord:
 
 
 class Catalog:
-    """One catalog file. ``create`` False refuses a path that holds no catalog yet."""
+    """One catalog file. ``create`` False refuses a path that holds no catalog yet;
+    ``read_only`` opens an existing one through SQLite's ``mode=ro`` (queries only; WAL
+    lets it read while ``catalog add`` writes)."""
 
-    def __init__(self, path: str | Path, *, create: bool = True) -> None:
+    def __init__(self, path: str | Path, *, create: bool = True,
+                 read_only: bool = False) -> None:
         self.path = Path(path)
-        if not create and not self.path.is_file():
+        if (read_only or not create) and not self.path.is_file():
             raise CatalogError(f"{self.path}: no such catalog (create one with "
                                f"`rtagger catalog add PATH... --db {self.path}`)")
+        if read_only:
+            try:
+                self.db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro",
+                                          uri=True, timeout=30.0)
+                self._check_version(read_only=True)
+            except sqlite3.DatabaseError as e:
+                raise CatalogError(f"{self.path}: not a usable catalog ({e})") from e
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(str(self.path), timeout=30.0)
@@ -150,8 +161,10 @@ class Catalog:
         except sqlite3.DatabaseError as e:
             raise CatalogError(f"{self.path}: not a usable catalog ({e})") from e
 
-    def _check_version(self) -> None:
+    def _check_version(self, read_only: bool = False) -> None:
         row = self.db.execute("SELECT value FROM info WHERE key='schema_version'").fetchone()
+        if row is None and read_only:
+            raise CatalogError(f"{self.path}: not a catalog (no schema version)")
         if row is None:
             with self.db:
                 self.db.execute("INSERT INTO info VALUES ('schema_version', ?)",

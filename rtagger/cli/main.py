@@ -337,6 +337,9 @@ def serve(
     max_upload_duration: float = typer.Option(
         2 * 3600.0, "--max-upload-duration", min=1.0,
         help="Most audio an encoded upload may decode to, seconds."),
+    catalog: Path = typer.Option(
+        None, "--catalog", help="Also answer read-only queries on this catalog (GET "
+        "/api/catalog, /api/catalog/search, /similar, /track; docs/catalog.md)."),
 ) -> None:
     """Serve live tagging over websockets (protocol v1) with a dashboard page."""
     import asyncio
@@ -356,12 +359,17 @@ def serve(
                           max_connections=max_connections, max_frame_bytes=max_frame_bytes,
                           first_message_timeout_s=first_message_timeout,
                           dashboard=not no_dashboard, aggregation=aggregation.value,
-                          max_upload_bytes=max_upload_bytes, max_upload_s=max_upload_duration)
+                          max_upload_bytes=max_upload_bytes, max_upload_s=max_upload_duration,
+                          catalog=str(catalog) if catalog is not None else None)
 
     async def run() -> None:
         async with TagServer(tagger.model, tagger.engine, config) as srv:
             err.print(f"rtagger serving {srv.url} (dashboard http://{host}:{srv.port}/) "
                       f"model {tagger.model.name}", highlight=False)
+            if srv.catalog is not None:
+                info = srv.catalog.info_at_start
+                err.print(f"catalog {catalog} (read-only): {info['tracks']} tracks, "
+                          f"{len(info['setups'])} setup(s)", highlight=False)
             await srv.serve_forever()
 
     try:
@@ -370,6 +378,8 @@ def serve(
         err.print("stopped")
     except OSError as e:
         raise _fail(f"cannot listen on {host}:{port}: {e}") from None
+    except RtaggerError as e:  # the catalog is missing or not a catalog
+        raise _fail(str(e)) from None
 
 
 def _add_subcommands() -> None:

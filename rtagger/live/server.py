@@ -24,6 +24,9 @@ decoded progressively (:mod:`rtagger.audio.progressive`) under ``--max-upload-by
 ``--max-upload-duration``. Both run the same stream code below; :mod:`rtagger.live.http_upload`
 routes each connection by its first bytes and reads the HTTP side.
 
+Catalog: with ``--catalog`` the same port answers read-only ``GET /api/catalog...``
+queries under the same access rules (:mod:`rtagger.live.catalog_api`, its own thread).
+
 Subscribers (dashboards) get a bounded view of a stream: events (``segment``, ``final``)
 queue up to a limit, while ``update`` messages replace any update the viewer has not been
 sent yet, so a slow viewer sees the newest tags and never slows the stream.
@@ -52,7 +55,7 @@ from websockets.http11 import Request, Response
 
 from rtagger.audio.progressive import DEFAULT_MAX_BYTES, DEFAULT_MAX_DURATION_S
 from rtagger.engines import Engine
-from rtagger.live import http_upload
+from rtagger.live import catalog_api, http_upload
 from rtagger.live.driver import DEFAULT_MAX_BACKLOG, SessionDriver
 from rtagger.live.protocol import (
     Audio,
@@ -101,6 +104,7 @@ class ServerConfig:
     max_upload_bytes: int = DEFAULT_MAX_BYTES  # encoded bytes of one upload
     max_upload_s: float = DEFAULT_MAX_DURATION_S  # decoded audio of one upload
     http_idle_timeout_s: float = 30.0  # an HTTP upload's longest wait for its next byte
+    catalog: str | None = None  # a catalog file served read-only under /api/catalog
 
 
 class Subscriber:
@@ -155,6 +159,10 @@ class TagServer:
                  config: ServerConfig | None = None) -> None:
         self.model = model
         self.config = config or ServerConfig()
+        # Opened now, so a missing or broken catalog file fails before the worker starts.
+        self.catalog = (catalog_api.CatalogAPI(self.config.catalog,
+                                               served_weights_sha256=model.weights_sha256)
+                        if self.config.catalog else None)
         aggregator = model.aggregator if self.config.aggregation != "mean" else None
         self.worker = InferenceWorker(engine, aggregator, max_batch=self.config.max_batch,
                                       max_wait_s=self.config.max_wait_s)
@@ -202,6 +210,8 @@ class TagServer:
         if self._http_tasks:
             await asyncio.wait(self._http_tasks)
         await asyncio.get_running_loop().run_in_executor(None, self.worker.close)
+        if self.catalog is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.catalog.close)
 
     async def __aenter__(self) -> TagServer:
         return await self.start()
@@ -215,7 +225,8 @@ class TagServer:
 
     # --- HTTP: auth, origin, dashboard ------------------------------------------------------
 
-    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+    def _process_request(self, conn: ServerConnection, request: Request
+                         ) -> Response | Awaitable[Response] | None:
         url = urlsplit(request.path)
         if url.path == "/healthz":
             # Probed by supervisors and load balancers, which send neither token nor a
@@ -227,6 +238,8 @@ class TagServer:
             return conn.respond(*refusal)
         if upgrade:
             return None  # the websocket handshake continues
+        if self.catalog is not None and catalog_api.is_catalog_path(url.path):
+            return self._catalog_response(url.path, url.query)  # awaited by websockets
         if url.path == "/api/streams":
             return _json_response(self.list_streams())
         if url.path in ("/", "/dashboard") and self.config.dashboard:
@@ -287,6 +300,11 @@ class TagServer:
             return True
         host = headers.get("Host", "")
         return urlsplit(origin).netloc == host  # same origin as the page we served
+
+    async def _catalog_response(self, path: str, query: str) -> Response:
+        # Queries run in the catalog's own thread; the event loop only waits for them.
+        status, body = await self.catalog.respond(path, query)
+        return _response(status, body, "application/json")
 
     def _dashboard(self) -> bytes:
         if self._dashboard_html is None:
