@@ -48,9 +48,189 @@ class PoolPackage:
     kind: str  # the style of its music, for the pool report (orchestral, electronic, ...)
 
 
+# Debian 12 (bookworm) main, free licences, music only (sound effects, speech and ambience
+# folders left out; tracks of 30 s or more were measured when the list was made). Hours are
+# those measured then (ffprobe, 2026-12-02); `rtagger data pool` reports what it finds.
 POOL_PACKAGES: tuple[PoolPackage, ...] = (
     PoolPackage("warzone2100-music", ("usr/share/games/warzone2100/music",), "orchestral"),
     PoolPackage("ufoai-music", ("usr/share/games/ufoai/base/0music.pk3",), "orchestral"),
+    PoolPackage("naev-data", ("usr/share/naev/dat/snd/music/*.ogg",), "electronic"),  # 2.11 h
+    PoolPackage("supertux-data", ("usr/share/games/supertux2/music/*/*.ogg",), "mixed"),  # 1.62 h
+    PoolPackage("hedgewars-data", (  # 1.56 h
+        "usr/share/games/hedgewars/Data/Music/*.ogg",
+    ), kind="world"),
+    PoolPackage("widelands-data", (  # 1.55 h
+        "usr/share/games/widelands/data/music/*.ogg",
+    ), kind="orchestral"),
+    PoolPackage("blobwars-data", ("usr/share/games/blobwars/music/*",), "electronic"),  # 1.27 h
+    PoolPackage("berusky2-data", ("usr/share/games/berusky2/music/*.ogg",), "electronic"),  # 1.19 h
+    PoolPackage("colobot-common-sounds", (  # 1.09 h
+        "usr/share/games/colobot/music/*.ogg",
+    ), kind="orchestral"),
+    PoolPackage("singularity-music", (  # 1.07 h
+        "usr/share/games/singularity/music/*.ogg",
+        "usr/share/games/singularity/music/*/*.ogg",
+    ), kind="ambient"),
+    PoolPackage("marsshooter-data", (  # 0.98 h
+        "usr/share/games/marsshooter/audio/music/*.ogg",
+        "usr/share/games/marsshooter/audio/menu.ogg",
+        "usr/share/games/marsshooter/audio/tutorial.ogg",
+    ), kind="rock"),
+    PoolPackage("supertuxkart-data", (  # 0.97 h
+        "usr/share/games/supertuxkart/data/music/*.ogg",
+    ), kind="pop"),
+    PoolPackage("freedroidrpg-data", (  # 0.85 h
+        "usr/share/freedroidrpg/data/sound/music/*.ogg",
+        "usr/share/freedroidrpg/data/base/titles/*.ogg",
+        "usr/share/freedroidrpg/data/storyline/*/titles/*.ogg",
+    ), kind="electronic"),
+    PoolPackage("unknown-horizons", (  # 0.71 h
+        "usr/share/unknown-horizons/content/audio/music/*.ogg",
+        "usr/share/unknown-horizons/content/audio/music/*/*.ogg",
+    ), kind="orchestral"),
+    PoolPackage("flare-game", (  # 0.63 h
+        "usr/share/games/flare/mods/fantasycore/music/*.ogg",
+    ), kind="orchestral"),
+    PoolPackage("trackballs-data", (  # 0.53 h
+        "usr/share/games/trackballs/music/*.ogg",
+    ), kind="electronic"),
+    PoolPackage("redeclipse-data", (  # 0.53 h
+        "usr/share/games/redeclipse/data/sounds/music/*.ogg",
+        "usr/share/games/redeclipse/data/sounds/theme*.ogg",
+        "usr/share/games/redeclipse/data/sounds/original.ogg",
+        "usr/share/games/redeclipse/data/maps/*.ogg",
+    ), kind="electronic"),
+    PoolPackage("pushover-data", ("usr/share/pushover/themes/*.ogg",), "mixed"),  # 0.52 h
+    PoolPackage("megaglest-data", (  # 0.51 h
+        "usr/share/games/megaglest/data/core/menu/music/*.ogg",
+        "usr/share/games/megaglest/techs/megapack/factions/*/music/*.ogg",
+    ), kind="world"),
+    PoolPackage("starfighter-data", ("usr/share/starfighter/music/*.ogg",), "electronic"),  # 0.47 h
+    PoolPackage("warmux-data", ("usr/share/games/warmux/music/*/*.ogg",), "jazz"),  # 0.45 h
+    PoolPackage("wizznic-data", (  # 0.43 h
+        "usr/share/games/wizznic/packs/*/music/*.ogg",
+        "usr/share/games/wizznic/data/menu-music.ogg",
+    ), kind="electronic"),
+    PoolPackage("openclonk-data", (  # 0.43 h
+        "usr/share/games/openclonk/Music.ocg/*.ogg",
+    ), kind="orchestral"),
+    PoolPackage("fillets-ng-data", (  # 0.40 h
+        "usr/share/games/fillets-ng/music/*.ogg",
+    ), kind="ambient"),
+    PoolPackage("davegnukem-data", (  # 0.39 h
+        "usr/share/games/davegnukem/music/*/*.ogg",
+    ), kind="chiptune"),
+    PoolPackage("enigma-data", ("usr/share/games/enigma/music/*/*.ogg",), "ambient"),  # 0.32 h
+    PoolPackage("zaz-data", ("usr/share/games/zaz/*.ogg",), "mixed"),  # 0.30 h
+    PoolPackage("asc-music", ("usr/share/games/asc/music/*.mp3",), "rock"),  # 0.29 h
+    PoolPackage("freecol", (  # 0.28 h
+        "usr/share/games/freecol/default/resources/music/*/*.ogg",
+        "usr/share/games/freecol/base/resources/sound/intro.ogg",
+    ), kind="orchestral"),
+    PoolPackage("freedink-data", ("usr/share/games/dink/dink/Sound/*.ogg",), "mixed"),  # 0.26 h
+    PoolPackage("wordwarvi-sound", ("usr/share/wordwarvi/sounds/*.ogg",), "electronic"),  # 0.24 h
+    PoolPackage("lordsawar-data", (  # 0.22 h
+        "usr/share/games/lordsawar/music/*.ogg",
+    ), kind="orchestral"),
+    PoolPackage("adonthell-data", (  # 0.22 h
+        "usr/share/games/adonthell/games/wastesedge/audio/*.ogg",
+    ), kind="orchestral"),
+    PoolPackage("frozen-bubble-data", (  # 0.20 h
+        "usr/share/games/frozen-bubble/snd/*.ogg",
+    ), kind="mixed"),
+    PoolPackage("xmoto-data", (  # 0.19 h
+        "usr/share/games/xmoto/Textures/Musics/*.ogg",
+    ), kind="electronic"),
+    PoolPackage("btanks-data", (  # 0.19 h
+        "usr/share/games/btanks/data/tunes/*.ogg",
+    ), kind="electronic"),
+    PoolPackage("freeorion-data", (  # 0.17 h
+        "usr/share/games/freeorion/default/data/sound/*.ogg",
+    ), kind="orchestral"),
+    PoolPackage("noiz2sa-data", (  # 0.17 h
+        "usr/share/games/noiz2sa/sounds/stg*.ogg",
+    ), kind="electronic"),
+    PoolPackage("hex-a-hop-data", (  # 0.16 h
+        "usr/share/games/hex-a-hop/hex-a-hop/music*.ogg",
+    ), kind="mixed"),
+    PoolPackage("lincity-ng-data", (  # 0.16 h
+        "usr/share/games/lincity-ng/music/*/*.ogg",
+    ), kind="mixed"),
+    PoolPackage("neverball-common", ("usr/share/games/neverball/bgm/*.ogg",), "mixed"),  # 0.15 h
+    PoolPackage("amoebax-data", ("usr/share/games/amoebax/music/*.ogg",), "mixed"),  # 0.15 h
+    PoolPackage("pinball-table-gnu-data", (  # 0.15 h
+        "usr/share/games/pinball/gnu/music.ogg",
+    ), kind="mixed"),
+    PoolPackage("extremetuxracer-data", ("usr/share/games/etr/music/*.ogg",), "mixed"),  # 0.14 h
+    PoolPackage("plee-the-bear-data", (  # 0.14 h
+        "usr/share/games/plee-the-bear/music/*.ogg",
+    ), kind="mixed"),
+    PoolPackage("powermanga-data", (  # 0.12 h
+        "usr/share/games/powermanga/sound/handheld_console/music_*.ogg",
+    ), kind="mixed"),
+    PoolPackage("gigalomania-data", ("usr/share/gigalomania/music/*.ogg",), "mixed"),  # 0.10 h
+    PoolPackage("torcs-data", ("usr/share/games/torcs/data/music/*.ogg",), "rock"),  # 0.10 h
+    PoolPackage("pinball-data", ("usr/share/games/pinball/*/*.ogg",), "mixed"),  # 0.10 h
+    PoolPackage("gamine-data", ("usr/share/games/gamine/sounds/Bach*.ogg",), "classical"),  # 0.09 h
+    PoolPackage("tuxmath-data", ("usr/share/tuxmath/sounds/*.ogg",), "mixed"),  # 0.09 h
+    PoolPackage("scorched3d-data", (  # 0.08 h
+        "usr/share/games/scorched3d/data/globalmods/none/data/music/*.ogg",
+    ), kind="mixed"),
+    PoolPackage("holotz-castle-data", (  # 0.07 h
+        "usr/share/games/holotz-castle/game/sound/HC*.wav",
+    ), kind="mixed"),
+    PoolPackage("mu-cade-data", (  # 0.07 h
+        "usr/share/games/mu-cade/sounds/musics/*.ogg",
+    ), kind="electronic"),
+    PoolPackage("pax-britannica-data", (  # 0.07 h
+        "usr/share/pax-britannica/audio/music.ogg",
+    ), kind="mixed"),
+    PoolPackage("tumiki-fighters-data", (  # 0.07 h
+        "usr/share/games/tumiki-fighters/sounds/*.ogg",
+    ), kind="electronic"),
+    PoolPackage("torus-trooper-data", (  # 0.07 h
+        "usr/share/games/torus-trooper/sounds/musics/*.ogg",
+    ), kind="electronic"),
+    PoolPackage("parsec47-data", (  # 0.07 h
+        "usr/share/games/parsec47/sounds/ptn*.ogg",
+    ), kind="electronic"),
+    PoolPackage("renpy-demo", ("usr/share/games/renpy/demo/game/*.ogg",), "mixed"),  # 0.07 h
+    PoolPackage("performous", (  # 0.07 h
+        "usr/share/games/performous/themes/default/*.ogg",
+    ), kind="mixed"),
+    PoolPackage("titanion-data", (  # 0.06 h
+        "usr/share/games/titanion/sounds/musics/*.ogg",
+    ), kind="electronic"),
+    PoolPackage("mazeofgalious-data", (  # 0.06 h
+        "usr/share/games/mazeofgalious/sound/jorito/*.ogg",
+    ), kind="mixed"),
+    PoolPackage("gunroar-data", (  # 0.06 h
+        "usr/share/games/gunroar/sounds/musics/*.ogg",
+    ), kind="electronic"),
+    PoolPackage("searchandrescue-data", (  # 0.06 h
+        "usr/share/games/searchandrescue/music/*.wav",
+    ), kind="mixed"),
+    PoolPackage("brainparty-data", (  # 0.06 h
+        "usr/share/games/brainparty/electricity.ogg",
+    ), kind="mixed"),
+    PoolPackage("a7xpg-data", ("usr/share/games/a7xpg/sounds/bgm*.ogg",), "electronic"),  # 0.06 h
+    PoolPackage("hannah-data", ("usr/share/games/hannah/bgm1.ogg",), "mixed"),  # 0.05 h
+    PoolPackage("orbital-eunuchs-sniper-data", (  # 0.05 h
+        "usr/share/games/orbital_eunuchs_sniper/oes.ogg",
+    ), kind="mixed"),
+    PoolPackage("cube2-data", ("usr/share/games/cube2/packages/music/*.ogg",), "mixed"),  # 0.05 h
+    PoolPackage("blockout2", ("usr/share/games/blockout2/sounds/music.ogg",), "mixed"),  # 0.05 h
+    PoolPackage("funnyboat", ("usr/share/games/funnyboat/data/*.ogg",), "mixed"),  # 0.05 h
+    PoolPackage("rrootage-data", (  # 0.05 h
+        "usr/share/games/rrootage/sounds/stg*.ogg",
+    ), kind="electronic"),
+    PoolPackage("lugaru-data", ("usr/share/games/lugaru/Sounds/Music*.ogg",), "mixed"),  # 0.05 h
+    PoolPackage("pink-pony-data", ("usr/share/games/pink-pony/music/*.mp3",), "mixed"),  # 0.05 h
+    PoolPackage("glob2-data", ("usr/share/games/glob2/data/zik/*.ogg",), "mixed"),  # 0.04 h
+    PoolPackage("abe-data", ("usr/share/games/abe/sounds/*.ogg",), "mixed"),  # 0.04 h
+    PoolPackage("caveexpress-data", (  # 0.03 h
+        "usr/share/games/caveexpress/sounds/music-*.ogg",
+    ), kind="mixed"),
 )
 
 
