@@ -161,7 +161,7 @@ def iter_audio(
         if path.stat().st_size == 0:
             raise AudioError(name, "empty file")
     try:
-        container = av.open(name, mode="r", timeout=timeout_s)
+        container = av.open(name, mode="r", timeout=timeout_s, metadata_errors="replace")
     except (av.error.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
         raise AudioError(name, f"cannot open as audio ({_reason(e)})") from e
     with container:

@@ -254,7 +254,7 @@ class ProgressiveDecoder:
             container = av.open(io_, mode="r", format=DEMUXERS[self.kind],
                                 container_options=_CONTAINER_OPTIONS
                                 | _KIND_OPTIONS.get(self.kind, {}),
-                                buffer_size=_IO_BUFFER_BYTES)
+                                buffer_size=_IO_BUFFER_BYTES, metadata_errors="replace")
         except (av.error.FFmpegError, OSError, ValueError) as e:
             if io_.starved:
                 return False
@@ -372,7 +372,7 @@ class ProgressiveDecoder:
         view = _HeadView(self._mp3_head, self._io.received - self._mp3_skip)
         try:
             with av.open(view, mode="r", format="mp3", container_options=_CONTAINER_OPTIONS,
-                         buffer_size=_IO_BUFFER_BYTES) as probe:
+                         buffer_size=_IO_BUFFER_BYTES, metadata_errors="replace") as probe:
                 st = probe.streams.audio[0]
                 if st.duration is None or st.time_base is None:
                     return None
@@ -392,7 +392,7 @@ class ProgressiveDecoder:
         try:
             container = av.open(io.BytesIO(data), mode="r", format=DEMUXERS[self.kind],
                                 container_options=_CONTAINER_OPTIONS,
-                                buffer_size=_IO_BUFFER_BYTES)
+                                buffer_size=_IO_BUFFER_BYTES, metadata_errors="replace")
         except (av.error.FFmpegError, OSError, ValueError) as e:
             raise AudioError(self.source, f"cannot open as {self.kind} ({_reason(e)})") from e
         self._container = container

@@ -179,3 +179,28 @@ def test_truncated_flac_is_reported(tmp_path, song):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(AudioError, match=r"truncated|decoding failed"):
         load_audio(cut)
+
+
+def test_tags_in_another_encoding_do_not_stop_decoding(tmp_path):
+    """Game soundtracks carry Vorbis comments in Latin-1 or Shift-JIS; the audio still decodes
+    (PyAV's strict UTF-8 metadata decoding used to refuse such files)."""
+    import av
+
+    from rtagger.audio.decode import SAMPLE_RATE, load_audio
+    from rtagger.audio.signals import music_like
+
+    path = tmp_path / "cafe.flac"
+    with av.open(str(path), "w", format="flac") as c:
+        c.metadata["title"] = "caf\u00e9"
+        s = c.add_stream("flac", rate=SAMPLE_RATE, layout="mono")
+        x = (music_like(1.0) * 32767).astype("int16").reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(x, format="s16", layout="mono")
+        frame.sample_rate = SAMPLE_RATE
+        for packet in [*s.encode(frame), *s.encode(None)]:
+            c.mux(packet)
+    data = path.read_bytes()
+    assert data.count("caf\u00e9".encode()) == 1
+    path.write_bytes(data.replace("caf\u00e9".encode(), b"caf\xe9 "))  # Latin-1, same length
+    with pytest.raises(UnicodeDecodeError):
+        av.open(str(path)).close()  # what PyAV does by default
+    assert len(load_audio(path)) == SAMPLE_RATE

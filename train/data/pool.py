@@ -210,12 +210,12 @@ def _open_container(ref: str):
         if zipped is None:
             if Path(ref).stat().st_size == 0:
                 raise AudioError(ref, "empty file")
-            return av.open(ref)
+            return av.open(ref, metadata_errors="replace")
         with zipfile.ZipFile(zipped[0]) as z:
             data = z.read(zipped[1])
         if not data:
             raise AudioError(ref, "empty archive member")
-        return av.open(io.BytesIO(data))
+        return av.open(io.BytesIO(data), metadata_errors="replace")
     # zipfile signals CRC errors, truncation, encryption and unknown compression differently
     except (zipfile.BadZipFile, KeyError, EOFError, zlib.error, NotImplementedError,
             RuntimeError) as e:
