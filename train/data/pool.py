@@ -168,8 +168,8 @@ def _entries(label: str, root: Path, failures: list[PoolFailure]) -> Iterator[_E
     for f in files:
         ext = f.suffix.lower()
         rel = f.name if f == root else f.relative_to(root).as_posix()
-        if ext in AUDIO_EXTENSIONS or (f == root and ext not in ARCHIVE_EXTENSIONS):
-            # a file named on its own is probed whatever its name (Ogg without extension)
+        if ext in AUDIO_EXTENSIONS or (f == root and not ext):
+            # a file named on its own without an extension is probed (Ogg without one)
             yield _Entry(label, str(f), rel, _album_meta(f))
         elif ext in ARCHIVE_EXTENSIONS:
             try:

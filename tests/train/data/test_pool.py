@@ -233,4 +233,6 @@ def test_real_debian_packages(tmp_path):
         pytest.skip("no pool package fetched (rtagger data debian) or installed")
     report = build_pool_report(tmp_path / "real.jsonl", None, progress=False)
     assert report.n_tracks > 0 and report.hours > 0.5
-    assert not report.failures
+    # a package may ship a broken file (searchandrescue's splash01.wav): named, with a reason
+    assert len(report.failures) <= 0.02 * report.n_tracks
+    assert all(f.reason for f in report.failures)
