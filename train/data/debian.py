@@ -283,8 +283,7 @@ class Copyright:
                 self.paragraphs.append((files.group(1).split(), licence.group(1).strip()))
         self.fallback = None
         if not self.paragraphs:
-            self.fallback = next((ln.strip()[:120] for ln in text.splitlines() if re.search(
-                r"licen[cs]e|GPL|Creative Commons", ln, re.IGNORECASE)), "unknown")
+            self.fallback = _licence_line(text)
 
     def for_file(self, path: str) -> str:
         if self.fallback is not None:
@@ -298,6 +297,19 @@ class Copyright:
                         or (exact and pat.rsplit("/", 1)[-1] == name)):
                     found = licence
         return found
+
+
+def _licence_line(text: str) -> str:
+    """A free-form copyright file's licence: the first line naming one (a bare "License:"
+    heading gives the line after it)."""
+    lines = [ln.strip() for ln in text.splitlines()]
+    for i, ln in enumerate(lines):
+        if re.search(r"licen[cs]e|GPL|Creative Commons", ln, re.IGNORECASE):
+            if re.fullmatch(r"licen[cs]e:?", ln, re.IGNORECASE):
+                ln = next((nxt for nxt in lines[i + 1:] if nxt), "")
+            if ln:
+                return ln[:120]
+    return "unknown"
 
 
 def copyright_of(root: Path, name: str) -> Copyright:

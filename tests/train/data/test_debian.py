@@ -80,3 +80,9 @@ def test_held_out_packages_are_refused_before_anything_runs(tmp_path):
         with pytest.raises(ConfigError, match="held out"):
             debian.fetch_packages(tmp_path, [name])
     assert not any(debian.is_held_out(p.name) for p in debian.POOL_PACKAGES)
+
+
+def test_a_free_form_copyright_file_gives_its_licence_line():
+    c = debian.Copyright("Copyright 2004 Someone\n\nLicense:\n\n   GPL version 2 or later\n")
+    assert c.for_file("usr/share/games/x/music/a.ogg") == "GPL version 2 or later"
+    assert debian.Copyright("no terms here\n").for_file("a.ogg") == "unknown"
