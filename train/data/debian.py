@@ -46,6 +46,8 @@ class PoolPackage:
     name: str
     globs: tuple[str, ...]  # relative to the package's root (its files as installed)
     kind: str  # the style of its music, for the pool report (orchestral, electronic, ...)
+    members: tuple[str, ...] = ()  # zip archives: only the members matching these patterns
+    suite: str = ""  # a Debian suite other than this machine's (e.g. "trixie"), or ""
 
 
 # Debian 12 (bookworm) main, free licences, music only (sound effects, speech and ambience
@@ -54,6 +56,18 @@ class PoolPackage:
 POOL_PACKAGES: tuple[PoolPackage, ...] = (
     PoolPackage("warzone2100-music", ("usr/share/games/warzone2100/music",), "orchestral"),
     PoolPackage("ufoai-music", ("usr/share/games/ufoai/base/0music.pk3",), "orchestral"),
+    # Archives that mix music with effects: only their music members.
+    PoolPackage("0ad-data", ("usr/share/games/0ad/mods/public/public.zip",), "world",
+                members=("audio/music/*.ogg",)),  # 2.92 h
+    PoolPackage("openarena-088-data", ("usr/share/games/openarena/baseoa/pak6-patch088.pk3",),
+                "electronic", members=("music/*.ogg",)),  # 0.19 h
+    # Debian 13 (trixie): free licences, not in bookworm.
+    PoolPackage("openrct2-openmsx", ("usr/share/openrct2/object/official/music/*.parkobj",
+                                     "usr/share/openrct2/object/official/audio/*.parkobj",
+                                     "usr/share/openrct2/assetpack/*.parkap"),
+                "mixed", members=("*.ogg",), suite="trixie"),  # 2.20 h
+    PoolPackage("taisei-data", ("usr/share/taisei/00-taisei.zip",), "electronic",
+                members=("bgm/*.opus",), suite="trixie"),  # 0.73 h
     PoolPackage("naev-data", ("usr/share/naev/dat/snd/music/*.ogg",), "electronic"),  # 2.11 h
     PoolPackage("supertux-data", ("usr/share/games/supertux2/music/*/*.ogg",), "mixed"),  # 1.62 h
     PoolPackage("hedgewars-data", (  # 1.56 h
@@ -341,13 +355,15 @@ def fetch_packages(out_dir: str | Path, names: list[str] | None = None) -> dict[
     status: dict[str, str] = {}
     with JsonlAppender(out / "packages.jsonl", durable=True) as records:
         for name in names:
+            pkg = package(name)
+            env = _suite_env(out, pkg.suite) if pkg is not None and pkg.suite else None
             try:
-                version = _candidate_version(name)
+                version = _candidate_version(name, env)
                 if name in done and done[name]["version"] == version \
                         and (roots / name).is_dir():
                     status[name] = "present"
                     continue
-                deb = _download(name, debs)
+                deb = _download(name, debs, env)
                 root = roots / name
                 if root.exists():
                     shutil.rmtree(root)
@@ -367,8 +383,32 @@ def fetch_packages(out_dir: str | Path, names: list[str] | None = None) -> dict[
     return status
 
 
-def _candidate_version(name: str) -> str:
-    out = _run(["apt-cache", "policy", name], f"looking up {name}")
+def _suite_env(out: Path, suite: str) -> dict[str, str]:
+    """An APT configuration of our own that sees ``suite`` (main and contrib), so a package
+    of another Debian release is downloaded without touching the system's sources."""
+    import os
+
+    apt = out / "apt" / suite
+    conf = apt / "apt.conf"
+    if not conf.is_file():
+        (apt / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+        (apt / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+        keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
+        (apt / "sources.list").write_text(
+            f"deb [signed-by={keyring}] http://deb.debian.org/debian {suite} main contrib\n")
+        conf_text = (f'Dir::Etc::SourceList "{(apt / "sources.list").absolute()}";\n'
+                     'Dir::Etc::SourceParts "/nonexistent";\n'
+                     f'Dir::State::Lists "{(apt / "lists").absolute()}";\n'
+                     f'Dir::Cache "{(apt / "cache").absolute()}";\n')
+        (apt / "apt.conf.tmp").write_text(conf_text)
+        env = dict(os.environ, APT_CONFIG=str((apt / "apt.conf.tmp").absolute()))
+        _run(["apt-get", "update"], f"reading the {suite} package lists", env=env)
+        (apt / "apt.conf.tmp").rename(conf)
+    return dict(os.environ, APT_CONFIG=str(conf.absolute()))
+
+
+def _candidate_version(name: str, env: dict[str, str] | None = None) -> str:
+    out = _run(["apt-cache", "policy", name], f"looking up {name}", env=env)
     m = re.search(r"Candidate:\s*(\S+)", out)
     if not m or m.group(1) == "(none)":
         raise ConfigError(f"package {name} is not in this machine's apt sources "
@@ -376,9 +416,9 @@ def _candidate_version(name: str) -> str:
     return m.group(1)
 
 
-def _download(name: str, debs: Path) -> Path:
+def _download(name: str, debs: Path, env: dict[str, str] | None = None) -> Path:
     before = set(debs.glob(f"{name}_*.deb"))
-    _run(["apt-get", "download", name], f"downloading {name}", cwd=debs)
+    _run(["apt-get", "download", name], f"downloading {name}", cwd=debs, env=env)
     found = sorted(set(debs.glob(f"{name}_*.deb")) - before) or sorted(debs.glob(f"{name}_*.deb"))
     if not found:
         raise ConfigError(f"apt-get download {name} left no .deb")
@@ -397,9 +437,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
+def _run(cmd: list[str], what: str, cwd: Path | None = None,
+         env: dict[str, str] | None = None) -> str:
     try:
-        done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=1800)
+        done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=1800)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise ConfigError(f"{what}: {e}") from e
     if done.returncode != 0:

@@ -14,6 +14,7 @@ from decoding. A file that cannot be opened or decoded is recorded in the report
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import json
@@ -118,7 +119,8 @@ def _expand_sources(sources: list[str | Path] | None, debian_dir: str | Path
             if not hits:
                 missing.append(f"{name} (not fetched: rtagger data debian; nor installed)")
                 continue
-            meta = {"package": name, "kind": pkg.kind, **_package_facts(name, root, records)}
+            meta = {"package": name, "kind": pkg.kind, "members": pkg.members,
+                    **_package_facts(name, root, records)}
             found.extend((name, h, meta) for h in hits)
             continue
         path = Path(src).expanduser()
@@ -163,24 +165,36 @@ def _content_sha256(ref: str) -> str:
     return h.hexdigest()
 
 
-def _entries(label: str, root: Path, failures: list[PoolFailure]) -> Iterator[_Entry]:
+def _entries(label: str, root: Path, failures: list[PoolFailure],
+             members: tuple[str, ...] = ()) -> Iterator[_Entry]:
+    """The recordings under ``root``: audio files, and audio members of zip archives.
+
+    ``members`` (a package's patterns): a zip named on its own under any extension
+    (``.parkobj``) is read as an archive, keeping only the members that match (an archive
+    that mixes music with sound effects).
+    """
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     for f in files:
         ext = f.suffix.lower()
         rel = f.name if f == root else f.relative_to(root).as_posix()
-        if ext in AUDIO_EXTENSIONS or (f == root and not ext):
+        archive = ext in ARCHIVE_EXTENSIONS or (bool(members) and f == root
+                                                and zipfile.is_zipfile(f))
+        if not archive and (ext in AUDIO_EXTENSIONS or (f == root and not ext)):
             # a file named on its own without an extension is probed (Ogg without one)
             yield _Entry(label, str(f), rel, _album_meta(f))
-        elif ext in ARCHIVE_EXTENSIONS:
+        elif archive:
             try:
                 with zipfile.ZipFile(f) as z:
-                    members = [m.filename for m in z.infolist() if not m.is_dir()
-                               and Path(m.filename).suffix.lower() in AUDIO_EXTENSIONS]
+                    members_found = [
+                        m.filename for m in z.infolist() if not m.is_dir()
+                        and Path(m.filename).suffix.lower() in AUDIO_EXTENSIONS
+                        and (not members or any(fnmatch.fnmatchcase(m.filename, pat)
+                                                for pat in members))]
             except (zipfile.BadZipFile, OSError) as e:
                 failures.append(PoolFailure(str(f), f"unreadable archive ({e})"))
                 continue
-            prefix = "" if f == root else rel + "!"
-            for m in sorted(members):
+            prefix = "" if f == root and not members else rel + "!"
+            for m in sorted(members_found):
                 yield _Entry(label, zip_ref(f, m), prefix + m)
 
 
@@ -331,7 +345,8 @@ def build_pool_report(
     if resume and out.exists():
         done = {t.path: t for t in read_manifest(out)}
     entries = [_Entry(e.label, e.ref, e.rel, {**meta, **e.meta})
-               for label, root, meta in roots for e in _entries(label, root, report.failures)]
+               for label, root, meta in roots
+               for e in _entries(label, root, report.failures, meta.get("members", ()))]
     for label, _, meta in roots:
         if "kind" in meta:
             report.kind_by_source[label] = meta["kind"]
@@ -375,7 +390,8 @@ def build_pool_report(
                 tid = _unique_id(f"{e.label}/{e.rel}", ids)
                 artist = e.meta.get("artist")
                 extra = {"source": e.label,
-                         **{k: v for k, v in e.meta.items() if k not in ("artist", "root")},
+                         **{k: v for k, v in e.meta.items()
+                            if k not in ("artist", "root", "members")},
                          **{k: v for k, v in info.items() if k != "duration"}}
                 track = Track(tid, e.ref, (), "unlabelled", info["duration"], artist, extra)
                 writer.write(track)

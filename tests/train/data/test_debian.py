@@ -41,9 +41,9 @@ def _apt_download(deb, debs):
 
 def test_fetch_unpacks_records_and_resumes(tmp_path, monkeypatch):
     versions = {"demo-music": "1.0-1"}
-    monkeypatch.setattr(debian, "_candidate_version", lambda name: versions[name])
+    monkeypatch.setattr(debian, "_candidate_version", lambda name, env=None: versions[name])
 
-    monkeypatch.setattr(debian, "_download", lambda name, debs: _apt_download(
+    monkeypatch.setattr(debian, "_download", lambda name, debs, env=None: _apt_download(
         _build_deb(tmp_path, name, versions[name]), debs))
     out = tmp_path / "debian"
     assert debian.fetch_packages(out, ["demo-music"]) == {"demo-music": "fetched"}
@@ -62,13 +62,13 @@ def test_fetch_unpacks_records_and_resumes(tmp_path, monkeypatch):
 
 
 def test_one_failing_package_does_not_stop_the_others(tmp_path, monkeypatch):
-    def version(name):
+    def version(name, env=None):
         if name == "gone-music":
             raise ConfigError("package gone-music is not in this machine's apt sources")
         return "2.0"
 
     monkeypatch.setattr(debian, "_candidate_version", version)
-    monkeypatch.setattr(debian, "_download", lambda name, debs: _apt_download(
+    monkeypatch.setattr(debian, "_download", lambda name, debs, env=None: _apt_download(
         _build_deb(tmp_path, name, "2.0"), debs))
     status = debian.fetch_packages(tmp_path / "d", ["gone-music", "demo-music"])
     assert status["demo-music"] == "fetched" and "not in this machine" in status["gone-music"]

@@ -236,3 +236,24 @@ def test_real_debian_packages(tmp_path):
     # a package may ship a broken file (searchandrescue's splash01.wav): named, with a reason
     assert len(report.failures) <= 0.02 * report.n_tracks
     assert all(f.reason for f in report.failures)
+
+
+def test_a_package_archive_gives_only_its_music_members(tmp_path, monkeypatch):
+    """Archives that mix music with effects (0ad's public.zip, openrct2's .parkobj zips)."""
+    from rtagger.train.data import debian
+
+    music = tmp_path / "debian" / "root" / "mix-data" / "usr" / "share" / "mix"
+    music.mkdir(parents=True)
+    for name in ("one.parkobj", "two.parkobj"):
+        with zipfile.ZipFile(music / name, "w") as z:
+            z.writestr("music/theme.ogg", ogg_bytes(1.0 if name == "one.parkobj" else 1.5))
+            z.writestr("sfx/click.ogg", ogg_bytes(0.3))
+    pkgs = (debian.PoolPackage("mix-data", ("usr/share/mix/*.parkobj",), "mixed",
+                               members=("music/*.ogg",)),)
+    monkeypatch.setattr(debian, "POOL_PACKAGES", pkgs)
+    monkeypatch.setattr(pool, "POOL_PACKAGES", pkgs)
+    build_pool_report(tmp_path / "p.jsonl", None, progress=False, debian_dir=tmp_path / "debian")
+    tracks = read_manifest(tmp_path / "p.jsonl")
+    assert sorted(t.id for t in tracks) == ["mix-data/one.parkobj!music/theme.ogg",
+                                            "mix-data/two.parkobj!music/theme.ogg"]
+    assert sorted(round(t.duration, 1) for t in tracks) == [1.0, 1.5]
