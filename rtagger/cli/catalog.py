@@ -72,13 +72,30 @@ def register(app: typer.Typer) -> None:
                                   "one window, 3.69 s)."),
         engine: str = typer.Option("auto", "--engine", help="torch, onnx or auto."),
         workers: int = typer.Option(None, "--workers", min=1, help="Decoding processes "
-                                    "(default: one per CPU core)."),
+                                    "(default: one per CPU core); with --ray, the local "
+                                    "instance's CPUs."),
         batch_size: int = typer.Option(32, "--batch-size", min=1,
                                        help="Most windows per model call."),
         retag: bool = typer.Option(False, "--retag", help="Re-tag tracks already stored "
                                    "unchanged."),
         retry_failed: bool = typer.Option(False, "--retry-failed",
                                           help="Retry files that failed with the same bytes."),
+        on_ray: bool = typer.Option(False, "--ray", help="Run on Ray: decoding on CPU tasks, "
+                                    "inference on actors, Parquet shards merged here "
+                                    "(needs the 'cluster' extra)."),
+        ray_address: str = typer.Option(None, "--ray-address", help="A running Ray cluster "
+                                        "(HEAD:6379, or 'auto'); implies --ray. Without it "
+                                        "--ray starts a local instance of --workers CPUs."),
+        inference_actors: int = typer.Option(1, "--inference-actors", min=1,
+                                             help="With --ray: model-owning actors."),
+        gpu: bool = typer.Option(False, "--gpu", help="With --ray: one GPU per inference "
+                                 "actor."),
+        tracks_per_shard: int = typer.Option(16, "--tracks-per-shard", min=1,
+                                             help="With --ray: tracks per inference batch "
+                                             "and Parquet shard."),
+        shard_dir: Path = typer.Option(None, "--shard-dir", help="With --ray: the shard "
+                                       "folder (default CATALOG.shards; on a cluster, one "
+                                       "every node sees at the same path)."),
         fmt: Shown = typer.Option(Shown.table, "--format", "-f"),
     ) -> None:
         """Tag every track into the catalog; a rerun continues where a killed run stopped."""
@@ -90,9 +107,17 @@ def register(app: typer.Typer) -> None:
         from rtagger.cli.main import _load_tagger
 
         _, err = _consoles()
+        on_ray = on_ray or ray_address is not None
+        if not on_ray and (gpu or inference_actors != 1 or shard_dir is not None):
+            raise _fail("--gpu, --inference-actors and --shard-dir need --ray")
+        if ray_address is not None and workers is not None:
+            raise _fail("--workers sizes a local Ray instance; a cluster has its own CPUs")
         try:
             sources = expand(inputs)
-            tagger = _load_tagger(model, "cpu", hop, batch_size, "auto", engine)
+            # On Ray the actors build `engine` on their own device; the driver's tagger only
+            # describes the setup, and torch costs nothing to build.
+            tagger = _load_tagger(model, "cpu", hop, batch_size, "auto",
+                                  "torch" if on_ray else engine)
             with Catalog(db) as catalog, Progress(
                     TextColumn("catalog"), BarColumn(),
                     TextColumn("{task.completed}/{task.total} {task.fields[speed]}"),
@@ -106,9 +131,19 @@ def register(app: typer.Typer) -> None:
                                      f"{r.realtime_factor:.0f}x real time, "
                                      f"{r.failed} failed")
 
-                report = add_to_catalog(catalog, sources, tagger, workers=workers,
-                                        retag=retag, retry_failed=retry_failed,
-                                        max_batch=batch_size, on_progress=on_progress)
+                if on_ray:
+                    from rtagger.catalog.cluster import add_on_ray
+
+                    report = add_on_ray(catalog, sources, tagger, engine=engine,
+                                        address=ray_address, num_cpus=workers,
+                                        inference_actors=inference_actors, use_gpu=gpu,
+                                        tracks_per_shard=tracks_per_shard,
+                                        shard_dir=shard_dir, retag=retag,
+                                        retry_failed=retry_failed, on_progress=on_progress)
+                else:
+                    report = add_to_catalog(catalog, sources, tagger, workers=workers,
+                                            retag=retag, retry_failed=retry_failed,
+                                            max_batch=batch_size, on_progress=on_progress)
                 recorded = len(catalog.failures())
         except RtaggerError as e:
             raise _fail(str(e)) from None
