@@ -209,6 +209,32 @@ class _Job:
     track_probs: np.ndarray | None = None  # (n_tags,) from the worker's aggregator
 
 
+def plan_sources(catalog: Catalog, sources: list[Source], setup: Setup, *, retag: bool = False,
+         retry_failed: bool = False) -> tuple[list[tuple[Source, tuple[str, ...]]], int]:
+    """The sources to send to the decoders, each with the content hashes that mean "already
+    done" (the worker hashes the file and skips it on a match), and how many were skipped
+    without sending (stored URLs).
+    The one set of skip rules, for local and Ray runs.
+    """
+    stored, failed = catalog.stored(), catalog.failed()
+    todo: list[tuple[Source, tuple[str, ...]]] = []
+    skipped = 0
+    for src in sources:
+        skip: list[str] = []
+        have = stored.get(src.location)
+        if have is not None and have[1] == setup.id and not retag:
+            if src.is_url:  # a URL's bytes are only known by fetching it again
+                skipped += 1
+                continue
+            skip.append(have[0])
+        bad = failed.get(src.location)
+        if bad is not None and bad[1] == setup.id and bad[0] and not retry_failed:
+            skip.append(bad[0])
+        todo.append((src, tuple(skip)))
+    return todo, skipped
+
+
+
 def add_to_catalog(
     catalog: Catalog,
     sources: list[Source],
@@ -227,22 +253,10 @@ def add_to_catalog(
     finished source with the running report.
     """
     setup = catalog.register_setup(setup_of(tagger))
-    stored, failed = catalog.stored(), catalog.failed()
     report = AddReport(total=len(sources), workers=workers or default_workers())
     t_start = time.perf_counter()
-    todo: list[tuple[Source, tuple[str, ...]]] = []
-    for src in sources:
-        skip: list[str] = []
-        have = stored.get(src.location)
-        if have is not None and have[1] == setup.id and not retag:
-            if src.is_url:  # a URL's bytes are only known by fetching it again
-                report.skipped += 1
-                continue
-            skip.append(have[0])
-        bad = failed.get(src.location)
-        if bad is not None and bad[1] == setup.id and bad[0] and not retry_failed:
-            skip.append(bad[0])
-        todo.append((src, tuple(skip)))
+    todo, report.skipped = plan_sources(catalog, sources, setup, retag=retag,
+                                        retry_failed=retry_failed)
     if on_progress is not None:
         on_progress(report)
 

@@ -55,6 +55,7 @@ from rtagger.catalog.add import (
     Decoded,
     Failed,
     decode_source,
+    plan_sources,
     setup_of,
     track_embedding,
 )
@@ -93,30 +94,6 @@ def shard_folder(shard_dir: str | Path, setup: Setup) -> Path:
     """The subfolder of ``shard_dir`` for one tagging setup (weights, hop, aggregation)."""
     key = f"{setup.weights_sha256}\0{setup.hop_s!r}\0{setup.aggregation}"
     return Path(shard_dir) / f"setup-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-
-
-def plan(catalog: Catalog, sources: list[Source], setup: Setup, *, retag: bool = False,
-         retry_failed: bool = False) -> tuple[list[tuple[Source, tuple[str, ...]]], int]:
-    """The sources to send to the decoders, each with the content hashes that mean "already
-    done" (the worker hashes the file and skips it on a match), and how many were skipped
-    without sending (stored URLs). The rules of :func:`~rtagger.catalog.add.add_to_catalog`.
-    """
-    stored, failed = catalog.stored(), catalog.failed()
-    todo: list[tuple[Source, tuple[str, ...]]] = []
-    skipped = 0
-    for src in sources:
-        skip: list[str] = []
-        have = stored.get(src.location)
-        if have is not None and have[1] == setup.id and not retag:
-            if src.is_url:  # a URL's bytes are only known by fetching it again
-                skipped += 1
-                continue
-            skip.append(have[0])
-        bad = failed.get(src.location)
-        if bad is not None and bad[1] == setup.id and bad[0] and not retry_failed:
-            skip.append(bad[0])
-        todo.append((src, tuple(skip)))
-    return todo, skipped
 
 
 # --- CPU tasks: decoding --------------------------------------------------------------------
@@ -398,8 +375,8 @@ def add_on_ray(
     for path in _leftover_shards(folder):
         recovered.update(merge_shard(catalog, path, setup, report))
     report.recovered = len(recovered)
-    todo, report.skipped = plan(catalog, sources, setup, retag=retag,
-                                retry_failed=retry_failed)
+    todo, report.skipped = plan_sources(catalog, sources, setup, retag=retag,
+                                        retry_failed=retry_failed)
     quiet = frozenset(recovered)
     progress()
     if not todo:
