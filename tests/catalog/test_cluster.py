@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from conftest import cli_with, music_like, write_audio
 from typer.testing import CliRunner
 
 ray = pytest.importorskip("ray")
+pq = pytest.importorskip("pyarrow.parquet")  # ray[data] brings it; skip cleanly without
 
 from rtagger.audio.decode import SAMPLE_RATE  # noqa: E402
 from rtagger.catalog import cluster  # noqa: E402
