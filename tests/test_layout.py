@@ -164,7 +164,8 @@ def test_rtagger_works_beside_a_train_py_and_a_deploy_py(tmp_path):
 
 
 # The runtime's rooms in data-path order: a room imports only rooms before it (or itself).
-RUNTIME_ORDER = ("rtagger.errors", "rtagger.atomic", "rtagger.jsonl", "rtagger.audio",
+RUNTIME_ORDER = ("rtagger.errors", "rtagger.atomic", "rtagger.jsonl", "rtagger.machine",
+                 "rtagger.audio",
                  "rtagger.model", "rtagger.engines", "rtagger.pipeline", "rtagger.catalog",
                  "rtagger.live", "rtagger.bench", "rtagger.cli", "rtagger")
 

@@ -29,7 +29,6 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ from rtagger.audio.decode import DEFAULT_LIVE_HOP_S, SAMPLE_RATE, WINDOW_S, WIND
 from rtagger.audio.signals import music_like
 from rtagger.engines import ENGINES, available_engines, create_engine, unavailable_reason
 from rtagger.errors import ConfigError, EngineUnavailable, RtaggerError
+from rtagger.machine import cpu_model
 from rtagger.model.checkpoint import TaggingModel, load_model
 
 log = logging.getLogger(__name__)
@@ -198,16 +198,6 @@ def bench_streams(model: str, *, streams: int, hop_s: float = DEFAULT_LIVE_HOP_S
 # --- the whole run ------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device: str = "cpu") -> dict:
     """What the numbers were measured on."""
     try:
@@ -225,7 +215,7 @@ def machine_info(device: str = "cpu") -> dict:
         gpu = torch.cuda.get_device_name(torch.device(device))
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
-        "cpu": _cpu_model(), "cpus_logical": os.cpu_count(), "cpus_usable": usable,
+        "cpu": cpu_model(), "cpus_logical": os.cpu_count(), "cpus_usable": usable,
         "gpu": gpu, "cuda": torch.version.cuda if gpu else None,
         "platform": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "onnxruntime": ort_version, "numpy": np.__version__,

@@ -27,19 +27,12 @@ from rtagger.audio.decode import SAMPLE_RATE, load_audio
 from rtagger.catalog.index import EmbeddingIndex, faiss_unavailable_reason
 from rtagger.catalog.store import Catalog
 from rtagger.errors import EngineUnavailable
+from rtagger.machine import cpu_model
 from rtagger.model.vocab import tag_groups_v1
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}
 
 
 def synthetic_embeddings(n: int, dim: int, seed: int = 0, per_cluster: int = 50,

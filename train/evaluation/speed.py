@@ -13,7 +13,6 @@ Each model runs once on the first file before timing (lazy initialisation, alloc
 from __future__ import annotations
 
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 from rtagger.audio.decode import SAMPLE_RATE, load_audio
 from rtagger.errors import ConfigError
+from rtagger.machine import cpu_model
 
 
 def compare_cpu(files: list[str | Path], teacher: str | Path, model: str = "default",
@@ -59,7 +59,7 @@ def compare_cpu(files: list[str | Path], teacher: str | Path, model: str = "defa
         "files": len(files), "audio_s": seconds,
         "model": {"name": tagger.model.name, "weights_sha256": tagger.model.weights_sha256},
         "teacher": musicnn.name, "threads": torch.get_num_threads(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores",
         "rows": rows,
         "cpu_ratio_musicnn_over_rtagger": rows["musicnn"]["cpu_s"] / rows["rtagger"]["cpu_s"],
     }

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from rtagger.audio.decode import load_audio
+from rtagger.machine import cpu_model
 from rtagger.train.teachers.convert import (
     ConversionError,
     import_tensorflow,
@@ -115,15 +116,8 @@ def compare_file(wave: np.ndarray, teachers: dict[str, tuple[Teacher, TfRun]],
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass  # not Linux: platform.processor() is the best there is
-    return f"{cpu}, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    return (f"{cpu_model()}, {platform.system()} {platform.machine()}, "
+            f"Python {platform.python_version()}")
 
 
 def measure(teacher_dir: Path, files: Sequence[Path],
