@@ -9,6 +9,10 @@
 - ``/api/catalog/track?id=TRACK_ID[&neighbours=5][&taggram=false]``: one track's tags,
   metadata and taggram.
 
+``GET /catalog`` (:data:`PAGE`) is the page that browses them: search by tags, a track's
+taggram and its similar tracks (``rtagger/data/catalog.html``; it uses these endpoints only,
+the vocabulary included, which ``/api/catalog`` lists per setup).
+
 Every parameter is checked (unknown or repeated parameters, ranges, tags of the setup) and
 every answer is bounded (:data:`MAX_LIMIT`, :data:`MAX_K`, :data:`MAX_TAGGRAM_ROWS`). A
 request names tracks by their catalog id only: an id is looked up as an integer in the
@@ -52,6 +56,7 @@ from rtagger.catalog.store import Catalog, CatalogError, Setup, TrackRecord
 log = logging.getLogger(__name__)
 
 PREFIX = "/api/catalog"
+PAGE = "/catalog"  # the catalog view, served with the dashboard (server.py)
 MAX_LIMIT = 1000  # search results per answer
 MAX_K = 100  # neighbours per answer
 MAX_TAGS = 16  # tags per search

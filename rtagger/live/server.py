@@ -25,7 +25,8 @@ decoded progressively (:mod:`rtagger.audio.progressive`) under ``--max-upload-by
 routes each connection by its first bytes and reads the HTTP side.
 
 Catalog: with ``--catalog`` the same port answers read-only ``GET /api/catalog...``
-queries under the same access rules (:mod:`rtagger.live.catalog_api`, its own thread).
+queries under the same access rules (:mod:`rtagger.live.catalog_api`, its own thread), and
+``GET /catalog`` is a page that browses them (``rtagger/data/catalog.html``).
 
 Subscribers (dashboards) get a bounded view of a stream: events (``segment``, ``final``)
 queue up to a limit, while ``update`` messages replace any update the viewer has not been
@@ -170,7 +171,7 @@ class TagServer:
         self.n_subscribers = 0
         self.n_connections = 0
         self._server = None
-        self._dashboard_html: bytes | None = None
+        self._pages: dict[str, bytes] = {}  # file name in rtagger/data -> its bytes
         self._http_tasks: set[asyncio.Task] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -243,7 +244,11 @@ class TagServer:
         if url.path == "/api/streams":
             return _json_response(self.list_streams())
         if url.path in ("/", "/dashboard") and self.config.dashboard:
-            return _response(HTTPStatus.OK, self._dashboard(), "text/html; charset=utf-8")
+            return _response(HTTPStatus.OK, self._page("dashboard.html"),
+                             "text/html; charset=utf-8")
+        if url.path == catalog_api.PAGE and self.catalog is not None and self.config.dashboard:
+            return _response(HTTPStatus.OK, self._page("catalog.html"),
+                             "text/html; charset=utf-8")
         return conn.respond(HTTPStatus.NOT_FOUND, "not found\n")
 
     def _refusal(self, headers: Headers, query: str, *, opens: bool
@@ -306,11 +311,11 @@ class TagServer:
         status, body = await self.catalog.respond(path, query)
         return _response(status, body, "application/json")
 
-    def _dashboard(self) -> bytes:
-        if self._dashboard_html is None:
-            self._dashboard_html = (resources.files("rtagger.data")
-                                    .joinpath("dashboard.html").read_bytes())
-        return self._dashboard_html
+    def _page(self, name: str) -> bytes:
+        """A page shipped in ``rtagger/data`` (the dashboard, the catalog view), read once."""
+        if name not in self._pages:
+            self._pages[name] = resources.files("rtagger.data").joinpath(name).read_bytes()
+        return self._pages[name]
 
     def list_streams(self) -> dict:
         return {"streams": [
