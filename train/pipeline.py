@@ -48,8 +48,10 @@ STEP_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "cache": (frozenset({"manifests", "out"}), frozenset({"jobs"})),
     "train": (frozenset({"recipe", "out"}), frozenset({"set"})),
     "pseudo": (frozenset({"manifests", "out"}),
-               frozenset({"teacher", "musicnn", "cache", "hop_s", "exclude_labelled"})),
+               frozenset({"teacher", "musicnn", "cache", "hop_s", "exclude_labelled",
+                          "only_subset"})),
     "evaluate": (frozenset({"model", "manifest", "out"}), frozenset({"cache", "hop_s"})),
+    "fidelity": (frozenset({"model", "pseudo", "out"}), frozenset({"cache"})),
 }
 STEP_KINDS = tuple(STEP_KEYS)
 TOP_KEYS = frozenset({"steps", "set"})
@@ -88,12 +90,13 @@ def load_pipeline(path: str | Path) -> list[dict]:
         required, optional = STEP_KEYS[kind]
         where = f"pipeline {path} step {name!r} (run = {kind!r})"
         _check_keys(step, (required | {"name", "run"}, optional), where)
-        if kind == "pseudo" and "exclude_labelled" in step:
-            ex = step["exclude_labelled"]
-            if not isinstance(ex, dict):
-                raise ConfigError(f"{where}: exclude_labelled must be a table "
-                                  f"{{manifest, fraction, seed}}")
-            _check_keys(ex, EXCLUDE_KEYS, f"{where} exclude_labelled")
+        for key in ("exclude_labelled", "only_subset"):
+            if kind == "pseudo" and key in step:
+                ex = step[key]
+                if not isinstance(ex, dict):
+                    raise ConfigError(f"{where}: {key} must be a table "
+                                      f"{{manifest, fraction, seed}}")
+                _check_keys(ex, EXCLUDE_KEYS, f"{where} {key}")
         if kind == "train":
             step["recipe"] = str((path.parent / step["recipe"]).resolve())
             step["set"] = common + list(step.get("set", []))
@@ -160,12 +163,18 @@ def _pseudo(step: dict, progress: bool) -> None:
     from rtagger.train.fit.pseudo import pseudo_label
 
     tracks = [t for m in step["manifests"] for t in read_manifest(m)]
-    ex = step.get("exclude_labelled")
-    if ex:
-        labelled = labelled_subset(read_manifest(ex["manifest"]), ex["fraction"],
-                                   ex.get("seed", 0))
-        skip = {t.id for t in labelled}
+
+    def subset(table: dict) -> set[str]:
+        return {t.id for t in labelled_subset(read_manifest(table["manifest"]),
+                                              table["fraction"], table.get("seed", 0))}
+    # exclude_labelled: leave a subset out (the labelled songs, a held-out tenth);
+    # only_subset: label just that subset (the held-out tenth, for the fidelity check).
+    if "exclude_labelled" in step:
+        skip = subset(step["exclude_labelled"])
         tracks = [t for t in tracks if t.id not in skip]
+    if "only_subset" in step:
+        keep = subset(step["only_subset"])
+        tracks = [t for t in tracks if t.id in keep]
     pseudo_label(step.get("teacher"), tracks, step.get("cache", "data/cache"), step["out"],
                  hop_s=step.get("hop_s", WINDOW_S), progress=progress,
                  musicnn=tuple(_teacher_file(m) for m in step.get("musicnn", ())))
@@ -202,5 +211,20 @@ def _evaluate(step: dict, progress: bool) -> None:
     atomic_write(done, json.dumps({"model": step["model"], "weights_sha256": sha}))
 
 
+def _fidelity(step: dict, progress: bool) -> None:
+    from rtagger.atomic import atomic_write
+    from rtagger.model.checkpoint import load_model
+    from rtagger.train.evaluation.fidelity import fidelity
+
+    out = Path(step["out"])
+    done = out / "done.json"
+    sha = load_model(step["model"]).weights_sha256
+    if done.exists() and json.loads(done.read_text()).get("weights_sha256") == sha:
+        return
+    pseudo = step["pseudo"] if isinstance(step["pseudo"], list) else [step["pseudo"]]
+    fidelity(step["model"], pseudo, step.get("cache", "data/cache"), out, progress=progress)
+    atomic_write(done, json.dumps({"model": step["model"], "weights_sha256": sha}))
+
+
 _STEPS = {"synth": _synth, "pool": _pool, "cache": _cache, "train": _train,
-          "pseudo": _pseudo, "evaluate": _evaluate}
+          "pseudo": _pseudo, "evaluate": _evaluate, "fidelity": _fidelity}

@@ -28,6 +28,10 @@ def test_debug_pipeline_runs_every_stage_and_resumes(tmp_path):
     assert sorted(p.name for p in (runs / "pseudo-teacher").glob("shard-*.npz"))
     # the multi-source stage: the ensemble's labels and a student on vocabulary v2
     assert load_model(runs / "student_v2" / "best.safetensors").describe()["vocabulary"] == "v2"
+    # fidelity to the teachers on whole pool tracks, from their own shard folder
+    fid = json.loads((runs / "fidelity-student-v2" / "fidelity.json").read_text())
+    assert fid["tracks"] == 3 and fid["macro"]["tags"] > 0
+    assert 0.0 <= fid["top5_overlap"] <= 1.0
     final = load_model(runs / "aggregator" / "best.safetensors")
     assert final.aggregator is not None and final.trained
     assert final.tagger.cfg == load_model(runs / "student" / "best.safetensors").tagger.cfg
