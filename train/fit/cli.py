@@ -16,8 +16,8 @@ def _fail(e: Exception) -> typer.Exit:
 
 
 def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
-    """Add ``run``, ``pseudo``, ``head`` and ``head-labels`` to the ``rtagger train`` group
-    (none go under ``data``)."""
+    """Add ``run``, ``pseudo``, ``head``, ``head-labels`` and ``head-bench`` to the
+    ``rtagger train`` group (none go under ``data``)."""
     del data_app
 
     @train_app.command("run")
@@ -122,3 +122,42 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
         except RtaggerError as e:
             raise _fail(e) from None
         typer.echo(json.dumps(res))
+
+    @train_app.command("head-bench")
+    def head_bench(
+        tracks: int = typer.Option(10_000, "--tracks", min=5, help="Synthetic tracks."),
+        tags: int = typer.Option(20, "--tags", min=1, help="Planted platform tags."),
+        hide: float = typer.Option(0.7, "--hide", help="Share of labels left blank."),
+        flip: float = typer.Option(0.1, "--flip", help="Share of shown labels inverted."),
+        seed: int = typer.Option(0, "--seed", help="Generator, labels and head seed."),
+        out: Path = typer.Option(Path("head_bench.json"), "--out", "-o",
+                                 help="The JSON report."),
+        workdir: Path = typer.Option(None, "--workdir", help="Keep the catalog, labels, "
+                                     "truth and checkpoint here (default: a temporary "
+                                     "folder, removed)."),
+        model: str = typer.Option("default", "--model", "-m", help="The base model the "
+                                  "catalog names (its output layer makes the taggram)."),
+        epochs: int = typer.Option(300, "--epochs", min=1),
+        threads: int = typer.Option(None, "--threads", min=1, help="torch threads "
+                                    "(default: torch's choice)."),
+    ) -> None:
+        """Time `train head` on a synthetic catalog with planted tags (not real audio):
+        per-phase wall and CPU time, peak RSS, cross-validated ROC/PR vs labels and truth."""
+        import json
+
+        from rtagger.atomic import atomic_write
+        from rtagger.train.fit.head import HeadConfig
+        from rtagger.train.fit.head_bench import SyntheticSpec
+        from rtagger.train.fit.head_bench import head_bench as bench
+
+        try:
+            report = bench(SyntheticSpec(tracks=tracks, tags=tags, seed=seed), hide, flip,
+                           HeadConfig(epochs=epochs, seed=seed), model, workdir, threads)
+        except RtaggerError as e:
+            raise _fail(e) from None
+        atomic_write(out, json.dumps(report, indent=2) + "\n")
+        t, cv = report["time"]["train_head"], report["cross_validated"]
+        typer.echo(json.dumps({"out": str(out), "train_head_wall_s": t["wall_s"],
+                               "train_head_cpu_s": t["cpu_s"],
+                               "peak_rss_mib": report["peak_rss_mib"]["after_train_head"],
+                               **{k: v for k, v in cv.items()}}))
