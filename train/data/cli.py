@@ -1,4 +1,4 @@
-"""``rtagger data pool`` and ``rtagger data cache``: thin commands over :mod:`rtagger.train.data`.
+"""``rtagger data pool|debian|cache|realchecks``: thin commands over :mod:`rtagger.train.data`.
 
 The library modules are imported inside each command, so ``rtagger --help`` stays fast.
 """
@@ -91,4 +91,34 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
             raise typer.Exit(2) from e
         print_report(report, console)
         if report.n_done + report.n_skipped == 0:
+            raise typer.Exit(1)
+
+    @data_app.command("realchecks")
+    def realchecks_command(
+        out: Annotated[Path, typer.Option("--out", "-o", help="Folder for packages, audio "
+                                          "and manifest.jsonl.")] = Path("data/realchecks"),
+        package: Annotated[list[str] | None, typer.Option(
+            "--package", "-p", help="Only this check source; repeatable.")] = None,
+        soundfont: Annotated[Path | None, typer.Option(
+            "--soundfont", help="GM soundfont to render with (default: csound's GM bank, "
+            "fetched).")] = None,
+        limit: Annotated[int | None, typer.Option(
+            "--limit", min=1, help="At most this many files per package (to try it).")]
+        = None,
+    ) -> None:
+        """Held-out real checks: Debian's MIDI music rendered, labelled from the MIDI."""
+        from rich.console import Console
+
+        from rtagger.train.data.realchecks import build_realchecks, print_report
+
+        try:
+            report = build_realchecks(out, packages=package or None, soundfont=soundfont,
+                                      limit=limit)
+        except RtaggerError as e:
+            Console(stderr=True).print(f"error: {e}", markup=False, highlight=False)
+            raise typer.Exit(code=2) from None
+        print_report(report, Console())
+        if report.n_tracks == 0:
+            raise typer.Exit(1)
+        if report.failures:
             raise typer.Exit(1)

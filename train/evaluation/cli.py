@@ -1,4 +1,4 @@
-"""Evaluation commands: ``rtagger train evaluate|compare|segeval`` and ``rtagger data mixes``."""
+"""Evaluation commands: ``rtagger train evaluate|compare|segeval|realcheck``, ``data mixes``."""
 
 from __future__ import annotations
 
@@ -191,3 +191,34 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
         if out is not None:
             out.write_text(text)
         typer.echo(text)
+
+    @train_app.command("realcheck")
+    def realcheck(
+        checks: Path = typer.Option(Path("data/realchecks/manifest.jsonl"), "--checks",
+                                    help="Manifest of `rtagger data realchecks`."),
+        model: list[str] = typer.Option([], "--model", "-m", help="rtagger checkpoint "
+                                        "(file, export folder or 'default'); repeatable."),
+        musicnn: list[Path] = typer.Option([], "--musicnn", help="Converted musicnn teacher "
+                                           "(data/teachers/*.safetensors); repeatable."),
+        out: Path = typer.Option(..., "--out", "-o", help="JSON report."),
+        markdown: Path = typer.Option(None, "--markdown", help="Also write the Markdown here."),
+        bootstrap: int = typer.Option(1000, "--bootstrap", min=1, help="Resamples of tracks."),
+        seed: int = typer.Option(0, "--seed"),
+        min_per_class: int = typer.Option(5, "--min-per-class", min=1,
+                                          help="Positive and negative tracks a tag needs."),
+        device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
+        cache: Path = typer.Option(None, "--cache", help="Track scores kept between runs "
+                                   "(default: scores/ beside --checks)."),
+        no_cache: bool = typer.Option(False, "--no-cache", help="Keep no scores."),
+    ) -> None:
+        """Models vs musicnn teachers on the real checks: per-tag and macro AUCs, paired CIs."""
+        from rtagger.train.evaluation.realcheck import report_markdown, run_realcheck
+
+        keep = None if no_cache else cache or checks.parent / "scores"
+        try:
+            report = run_realcheck(checks, model, musicnn, out, markdown=markdown,
+                                   device=device, bootstrap=bootstrap, seed=seed, cache_dir=keep,
+                                   min_per_class=min_per_class)
+        except RtaggerError as e:
+            raise _fail(e) from None
+        typer.echo(report_markdown(report))
