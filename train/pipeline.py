@@ -195,35 +195,45 @@ def _teacher_file(ref: str) -> str:
 
 
 def _evaluate(step: dict, progress: bool) -> None:
-    from rtagger.atomic import atomic_write
-    from rtagger.model.checkpoint import load_model
     from rtagger.train.data.manifest import read_manifest
     from rtagger.train.evaluation.scoring import score_and_report
 
     out = Path(step["out"])
-    done = out / "done.json"  # written last: its presence means the report is complete
-    sha = load_model(step["model"]).weights_sha256
-    if done.exists() and json.loads(done.read_text()).get("weights_sha256") == sha:
+    if _finished(out, step["model"]):
         return
     score_and_report(step["model"], read_manifest(step["manifest"]),
                      step.get("cache", "data/cache"), out, hop_s=step.get("hop_s", WINDOW_S),
                      progress=progress)
-    atomic_write(done, json.dumps({"model": step["model"], "weights_sha256": sha}))
+    _mark_finished(out, step["model"])
 
 
 def _fidelity(step: dict, progress: bool) -> None:
-    from rtagger.atomic import atomic_write
-    from rtagger.model.checkpoint import load_model
     from rtagger.train.evaluation.fidelity import fidelity
 
     out = Path(step["out"])
-    done = out / "done.json"
-    sha = load_model(step["model"]).weights_sha256
-    if done.exists() and json.loads(done.read_text()).get("weights_sha256") == sha:
+    if _finished(out, step["model"]):
         return
     pseudo = step["pseudo"] if isinstance(step["pseudo"], list) else [step["pseudo"]]
     fidelity(step["model"], pseudo, step.get("cache", "data/cache"), out, progress=progress)
-    atomic_write(done, json.dumps({"model": step["model"], "weights_sha256": sha}))
+    _mark_finished(out, step["model"])
+
+
+# A report step writes done.json last: its presence, for the same weights, means the report
+# in that folder is complete and the step is skipped.
+def _finished(out: Path, model: str) -> bool:
+    from rtagger.model.checkpoint import load_model
+
+    done = out / "done.json"
+    return (done.exists() and json.loads(done.read_text()).get("weights_sha256")
+            == load_model(model).weights_sha256)
+
+
+def _mark_finished(out: Path, model: str) -> None:
+    from rtagger.atomic import atomic_write
+    from rtagger.model.checkpoint import load_model
+
+    atomic_write(out / "done.json", json.dumps(
+        {"model": model, "weights_sha256": load_model(model).weights_sha256}))
 
 
 _STEPS = {"synth": _synth, "pool": _pool, "cache": _cache, "train": _train,

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ import numpy as np
 import pytest
 import test_dashboard
 from conftest import cli_with, toy_song, write_audio
-from test_dashboard import ServerThread, _open_page
+from test_dashboard import ServerThread, _get, _open_page
 from typer.testing import CliRunner
 
 from rtagger.audio.decode import SAMPLE_RATE
@@ -316,14 +314,6 @@ def test_the_page_needs_the_token(browser: Any, server: ServerThread) -> None:
 
 
 # --- HTTP only ------------------------------------------------------------------------------
-
-
-def _get(url: str) -> tuple[int, str, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.headers.get("Content-Type", ""), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers.get("Content-Type", ""), e.read()
 
 
 def test_the_page_is_served_only_with_a_catalog(debug_model: TaggingModel,

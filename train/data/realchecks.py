@@ -45,6 +45,7 @@ from pathlib import Path
 from rtagger.atomic import atomic_path, atomic_write
 from rtagger.audio.decode import SAMPLE_RATE
 from rtagger.audio.encode import write_flac
+from rtagger.catalog.add import file_sha256
 from rtagger.errors import AudioError, ConfigError, RtaggerError
 from rtagger.model.vocab import tags_v2
 from rtagger.train.data.debian import (
@@ -300,14 +301,6 @@ def resolve_soundfont(soundfont: str | Path | None, debian_dir: Path) -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _stem(name: str) -> str:
     return re.sub(r"(\.midi?|\.kar)?(\.gz)?$", "", name, flags=re.IGNORECASE)
 
@@ -377,7 +370,7 @@ def build_realchecks(out_dir: str | Path, *, packages: Sequence[str] | None = No
     status = fetch_packages(debian_dir, wanted)
     font = resolve_soundfont(soundfont, debian_dir)
     records = fetched(debian_dir)
-    font_info = {"soundfont": font.name, "soundfont_sha256": _sha256(font)}
+    font_info = {"soundfont": font.name, "soundfont_sha256": file_sha256(str(font))}
     if soundfont is None:
         font_info.update(soundfont_package=SOUNDFONT_PACKAGE,
                          soundfont_version=records[SOUNDFONT_PACKAGE]["version"])
