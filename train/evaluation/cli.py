@@ -139,6 +139,26 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
             out.write_text(json.dumps(report, indent=2) + "\n")
         typer.echo(speed_markdown(report))
 
+    @train_app.command("fidelity")
+    def fidelity_cmd(
+        pseudo: list[Path] = typer.Argument(..., help="Pseudo-label folders of the teachers' "
+                                            "labels of held-out tracks (e.g. the "
+                                            "pipeline's v2-pseudo-holdout)."),
+        model: str = typer.Option("default", "--model"),
+        cache: Path = typer.Option(Path("data/cache"), "--cache"),
+        out: Path = typer.Option(..., "--out", "-o", help="Folder for fidelity.json/.md."),
+        device: str = typer.Option("cpu", "--device"),
+    ) -> None:
+        """Fidelity of a model to its teachers on whole held-out tracks (Pearson r, MAE,
+        top-5 overlap per tag group, bootstrap intervals)."""
+        from rtagger.train.evaluation.fidelity import fidelity, fidelity_markdown
+
+        try:
+            report = fidelity(model, [str(p) for p in pseudo], cache, out, device=device)
+        except RtaggerError as e:
+            raise _fail(e) from None
+        typer.echo(fidelity_markdown(report))
+
     @train_app.command("segeval")
     def segeval(
         model: str = typer.Argument(..., help="Checkpoint whose embeddings drive segmentation."),

@@ -294,7 +294,7 @@ def compare_table(rows: list[dict], reference: str | None = None, key: str = "mo
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in table]) + "\n"
 
 
-def _weighted_scores(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+def weighted_scores(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
     """ROC-AUC and AP of one tag for ``(n_resamples, n_items)`` sample weights ``w`` at once.
 
     Equals scikit-learn with ``sample_weight`` (ties handled as one threshold); NaN where a
@@ -319,7 +319,7 @@ def _weighted_scores(y: np.ndarray, s: np.ndarray, w: np.ndarray) -> dict[str, n
 def _macro_weighted(y_true: np.ndarray, y_score: np.ndarray, w: np.ndarray,
                     metric: str) -> np.ndarray:
     """``(n_resamples,)`` macro ``metric`` over the columns of ``y_true`` for weights ``w``."""
-    per_tag = np.stack([_weighted_scores(y_true[:, j], y_score[:, j], w)[metric]
+    per_tag = np.stack([weighted_scores(y_true[:, j], y_score[:, j], w)[metric]
                         for j in range(y_true.shape[1])], axis=1)
     with np.errstate(invalid="ignore"):
         scored = np.isfinite(per_tag).sum(axis=1)

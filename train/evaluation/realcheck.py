@@ -36,7 +36,7 @@ from rtagger.errors import ConfigError
 from rtagger.jsonl import JsonlAppender, read_records
 from rtagger.model.vocab import sources_v2, tags_v2
 from rtagger.train.data.manifest import read_manifest
-from rtagger.train.evaluation.evaluate import METRIC_NAMES, METRICS, macro_auc
+from rtagger.train.evaluation.evaluate import METRIC_NAMES, METRICS, macro_auc, weighted_scores
 from rtagger.train.progress import Bar
 
 log = logging.getLogger(__name__)
@@ -241,9 +241,7 @@ def resampled_auc(y: np.ndarray, s: np.ndarray, known: np.ndarray,
                   weights: np.ndarray) -> dict[str, np.ndarray]:
     """One tag's ROC-AUC and PR-AUC in every resample: metric -> ``(n_resamples,)``, NaN
     where a resample draws no positive or no negative labelled track."""
-    from rtagger.train.evaluation.evaluate import _weighted_scores
-
-    return _weighted_scores(y[known], s[known], weights[:, known])
+    return weighted_scores(y[known], s[known], weights[:, known])
 
 
 def _ci(values: np.ndarray) -> list[float] | None:

@@ -10,11 +10,11 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from rtagger.model.vocab import tag_groups_v1, tags_v1
 from rtagger.train.evaluation.evaluate import (
-    _weighted_scores,
     bootstrap_ci,
     compare_table,
     evaluate_levels,
     tag_metrics,
+    weighted_scores,
     write_report,
 )
 
@@ -178,12 +178,12 @@ def test_compare_table() -> None:
         compare_table(rows, reference="nobody")
 
 
-def test_weighted_scores_match_sklearn() -> None:
+def testweighted_scores_match_sklearn() -> None:
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 25)
     s = rng.integers(0, 6, 25).astype(float)  # many ties
     w = rng.integers(0, 3, (4, 25)).astype(float)  # bootstrap counts, zeros included
-    got = _weighted_scores(y, s, w)
+    got = weighted_scores(y, s, w)
     for b in range(4):
         assert got["roc_auc"][b] == pytest.approx(roc_auc_score(y, s, sample_weight=w[b]))
         assert got["pr_auc"][b] == pytest.approx(average_precision_score(y, s, sample_weight=w[b]))

@@ -32,6 +32,18 @@ def test_debug_pipeline_runs_every_stage_and_resumes(tmp_path):
     fid = json.loads((runs / "fidelity-student-v2" / "fidelity.json").read_text())
     assert fid["tracks"] == 3 and fid["macro"]["tags"] > 0
     assert 0.0 <= fid["top5_overlap"] <= 1.0
+    # the same report from the command line
+    res = CliRunner().invoke(app, [
+        "train", "fidelity", str(runs / "pseudo-ensemble-holdout"),
+        "--model", str(runs / "student_v2" / "best.safetensors"),
+        "--cache", str(tmp_path / "data" / "cache"), "--out", str(tmp_path / "fid-cli")])
+    assert res.exit_code == 0, res.output
+    cli = json.loads((tmp_path / "fid-cli" / "fidelity.json").read_text())
+    assert cli["macro"] == fid["macro"] and "| all |" in res.stdout
+    res = CliRunner().invoke(app, ["train", "fidelity", str(tmp_path / "no-shards"),
+                                   "--cache", str(tmp_path / "data" / "cache"),
+                                   "--out", str(tmp_path / "fid-none")])
+    assert res.exit_code == 2 and "no shard-*.npz" in res.stderr
     final = load_model(runs / "aggregator" / "best.safetensors")
     assert final.aggregator is not None and final.trained
     assert final.tagger.cfg == load_model(runs / "student" / "best.safetensors").tagger.cfg
