@@ -41,6 +41,6 @@ def test_every_teacher_tag_is_used_exactly_once_and_synonyms_merge():
 def test_checkpoints_record_their_vocabulary():
     assert vocabulary_version(tags_v1()) == "v1" and vocabulary_version(tags_v2()) == "v2"
     assert vocabulary_version(["a", "b"]) is None
-    assert load_model("default").describe()["vocabulary"] == "v1"
+    assert load_model("default").describe()["vocabulary"] == "v2"
     m = build_untrained("debug", tags_v2(), with_aggregator=False)
     assert m.describe()["vocabulary"] == "v2" and m.tag_groups["female_vocals"] == "vocals"

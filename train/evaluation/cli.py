@@ -73,24 +73,39 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
     @data_app.command("mixes")
     def mixes(
         manifest: Path = typer.Option(..., "--manifest",
-                                      help="Songs to mix (e.g. the test split)."),
+                                      help="Songs to mix (e.g. the test split, the pool)."),
         out: Path = typer.Option(Path("data/mixes"), "--out", "-o"),
         n: int = typer.Option(20, "--mixes", min=1),
         per_mix: int = typer.Option(4, "--tracks-per-mix", min=2),
+        min_fade: float = typer.Option(0.0, "--min-crossfade",
+                                       help="Seconds; at 0 a fifth of the changes are cuts."),
         max_fade: float = typer.Option(8.0, "--max-crossfade", help="Seconds."),
+        fraction: float = typer.Option(1.0, "--subset-fraction",
+                                       help="Keep labelled_subset(tracks, F, seed) only; "
+                                            "0.1 with seed 7 is the pool's held-out tenth."),
+        subset_seed: int = typer.Option(0, "--subset-seed"),
+        min_track: float = typer.Option(0.0, "--min-track-s", help="Skip shorter tracks."),
+        max_track: float = typer.Option(None, "--max-track-s",
+                                        help="Use each track's middle this many seconds."),
+        tempo_match: bool = typer.Option(False, "--tempo-match",
+                                         help="Speed the incoming track up or down (pitch "
+                                              "with it) to the outgoing tempo, within 8 %."),
         seed: int = typer.Option(0, "--seed"),
     ) -> None:
         """Simulated DJ mixes with crossfades and their true track boundaries."""
         from rtagger.train.data.manifest import read_manifest
-        from rtagger.train.evaluation.mixes import build_mixes
+        from rtagger.train.evaluation.mixes import build_mixes, select_tracks
 
         try:
-            built = build_mixes(read_manifest(manifest), out, n, tracks_per_mix=per_mix,
-                                max_crossfade_s=max_fade, seed=seed)
+            tracks = select_tracks(read_manifest(manifest), subset_fraction=fraction,
+                                   subset_seed=subset_seed, min_track_s=min_track)
+            built = build_mixes(tracks, out, n, tracks_per_mix=per_mix,
+                                min_crossfade_s=min_fade, max_crossfade_s=max_fade,
+                                max_track_s=max_track, tempo_match=tempo_match, seed=seed)
         except RtaggerError as e:
             raise _fail(e) from None
         hours = sum(m.duration_s for m in built) / 3600
-        typer.echo(f"{len(built)} mixes, {hours:.2f} h, in {out}")
+        typer.echo(f"{len(built)} mixes of {len(tracks)} tracks, {hours:.2f} h, in {out}")
 
     @train_app.command("convergence")
     def convergence(
@@ -158,6 +173,37 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
         except RtaggerError as e:
             raise _fail(e) from None
         typer.echo(fidelity_markdown(report))
+
+    @train_app.command("speed-process")
+    def speed_process(
+        files: list[Path] = typer.Argument(..., help="Audio files (the same for both)."),
+        musicnn_python: Path = typer.Option(..., "--musicnn-python", help="A Python that has "
+                                            "musicnn and TensorFlow, e.g. "
+                                            ".venv-teachers/bin/python."),
+        musicnn_model: str = typer.Option("MTT_musicnn", "--musicnn-model"),
+        model: str = typer.Option("default", "--model"),
+        repeats: int = typer.Option(1, "--repeats", min=1, help="Runs of each; the median."),
+        threads: int = typer.Option(None, "--threads", min=1, help="Threads (and CPUs) for "
+                                    "both processes (default: no limit)."),
+        out: Path = typer.Option(None, "--out", "-o", help="Write the JSON report here."),
+    ) -> None:
+        """Wall, CPU time and peak memory of one `rtagger tag` process vs one process of
+        musicnn's own TensorFlow package on the same files (imports and loading included)."""
+        import json
+
+        from rtagger.train.evaluation.speed_process import (
+            compare_processes,
+            speed_process_markdown,
+        )
+
+        try:
+            report = compare_processes([str(f) for f in files], musicnn_python, musicnn_model,
+                                       model, repeats, threads)
+        except RtaggerError as e:
+            raise _fail(e) from None
+        if out is not None:
+            out.write_text(json.dumps(report, indent=2) + "\n")
+        typer.echo(speed_process_markdown(report))
 
     @train_app.command("segeval")
     def segeval(

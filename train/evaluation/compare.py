@@ -81,17 +81,26 @@ def _song_scores(row: Row) -> np.ndarray:
 
 
 def paired_delta(row: Row, ref: Row, n: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """Macro PR-AUC of ``row`` minus ``ref`` on the same songs, with a bootstrap 95% CI."""
-    from rtagger.train.evaluation.evaluate import bootstrap_ci
+    """Macro PR-AUC of ``row`` minus ``ref`` on the same songs, with a bootstrap 95% CI.
+
+    Models with different vocabularies (v1 against v2) are compared on the tags both emit;
+    their truth on those tags must be the same.
+    """
+    from rtagger.train.evaluation.evaluate import bootstrap_ci, macro_auc
 
     if list(row.songs["ids"]) != list(ref.songs["ids"]):
         raise ConfigError(f"{row.folder} and {ref.folder} were scored on different songs")
-    if list(row.songs["tags"]) != list(ref.songs["tags"]):
-        raise ConfigError(f"{row.folder} and {ref.folder} have different tag lists")
-    y = row.songs["true"]
-    low, high = bootstrap_ci(y, _song_scores(row), "pr_auc", n=n, seed=seed,
-                             reference=_song_scores(ref))
-    return row.metrics["macro"]["pr_auc"] - ref.metrics["macro"]["pr_auc"], low, high
+    mine, theirs = list(row.songs["tags"]), list(ref.songs["tags"])
+    common = [t for t in theirs if t in set(mine)]
+    if not common:
+        raise ConfigError(f"{row.folder} and {ref.folder} have no tag in common")
+    ci, ri = [mine.index(t) for t in common], [theirs.index(t) for t in common]
+    y = row.songs["true"][:, ci]
+    if not np.array_equal(y, ref.songs["true"][:, ri]):
+        raise ConfigError(f"{row.folder} and {ref.folder} have other labels for the same tags")
+    s, r = _song_scores(row)[:, ci], _song_scores(ref)[:, ri]
+    low, high = bootstrap_ci(y, s, "pr_auc", n=n, seed=seed, reference=r)
+    return macro_auc(y, s)["pr_auc"] - macro_auc(y, r)["pr_auc"], low, high
 
 
 def compare_markdown(rows: list[Row], reference: int = 0, costs: dict[str, dict] | None = None,

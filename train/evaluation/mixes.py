@@ -1,9 +1,13 @@
 """Simulated DJ mixes and the evaluation of track-change detection on them.
 
-``build_mixes`` joins songs of a benchmark split into continuous mixes with equal-power
-crossfades of random length (0 = a hard cut), and writes each mix as FLAC plus its true
-boundaries (the middle of each crossfade). ``evaluate_segmentation`` plays every mix through
-the live path's own :class:`~rtagger.live.session.StreamSession` (window tags from
+``build_mixes`` joins songs (synthetic benchmark songs or real recordings) into continuous
+mixes with equal-power crossfades of random length (0 = a hard cut), and writes each mix as
+FLAC plus its true boundaries (the middle of each crossfade, in the mix's own timeline).
+With ``tempo_match`` it works like a DJ's pitch fader: each incoming track is played faster
+or slower (speed and pitch together, as on a turntable) so that its tempo, estimated by
+:func:`estimate_tempo`, matches the outgoing track's when that takes at most +-8 %; beats are
+not phase-aligned. ``evaluate_segmentation`` plays every mix through the live path's own
+:class:`~rtagger.live.session.StreamSession` (window tags from
 :class:`~rtagger.pipeline.tagger.Tagger` at the live hop) and scores the ``segment`` events
 it emits:
 boundary precision / recall / F-measure within a tolerance (default +-3 s) and false
@@ -13,14 +17,15 @@ boundaries per hour of audio.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from rtagger.atomic import atomic_path
-from rtagger.audio.decode import SAMPLE_RATE, WINDOW_SAMPLES, load_audio
+from rtagger.audio.decode import N_FFT, SAMPLE_RATE, WINDOW_SAMPLES, Resampler, load_audio
 from rtagger.audio.encode import write_flac
+from rtagger.errors import ConfigError
 from rtagger.jsonl import JsonlAppender, read_records
 from rtagger.live.protocol import Start
 from rtagger.live.session import StreamSession
@@ -28,9 +33,31 @@ from rtagger.model.checkpoint import TaggingModel, load_model
 from rtagger.pipeline.session import SegmenterConfig
 from rtagger.pipeline.tagger import Tagger
 from rtagger.train.data.manifest import Track
+from rtagger.train.data.windows import labelled_subset
 from rtagger.train.progress import Bar
 
 log = logging.getLogger(__name__)
+
+# --- tempo estimation and matching -------------------------------------------------------
+TEMPO_HOP = 128  # samples between onset-envelope frames (8 ms)
+TEMPO_FPS = SAMPLE_RATE / TEMPO_HOP  # onset-envelope frames per second
+TEMPO_MIN_BPM, TEMPO_MAX_BPM = 60.0, 180.0
+TEMPO_PRIOR_BPM = 120.0  # centre of the log-normal tempo prior
+TEMPO_PRIOR_OCTAVES = 1.0  # its standard deviation in octaves (log2 of the tempo)
+MAX_SPEED_CHANGE = 0.08  # a pitch fader's range: +-8 %
+HARD_CUT_SHARE = 0.2  # of transitions, when the shortest crossfade allowed is 0
+
+assert TEMPO_FPS == 125.0
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One change of track in a mix as it was made (index lines before these have none)."""
+
+    crossfade_s: float  # as applied: a fade longer than a track is cut to the track
+    tempo_out_bpm: float | None  # outgoing track as played (its estimate x its speed)
+    tempo_in_bpm: float | None  # incoming track's estimate at its recorded speed
+    speed: float  # varispeed factor applied to the incoming track; 1.0 = left as recorded
 
 
 @dataclass(frozen=True)
@@ -39,6 +66,112 @@ class Mix:
     boundaries_s: list[float]
     duration_s: float
     track_ids: list[str]
+    transitions: list[Transition] = field(default_factory=list)
+
+
+def select_tracks(tracks: list[Track], *, subset_fraction: float = 1.0, subset_seed: int = 0,
+                  min_track_s: float = 0.0) -> list[Track]:
+    """``labelled_subset(tracks, subset_fraction, subset_seed)`` less tracks under ``min_track_s``.
+
+    With fraction 0.1 and seed 7 on the pool this is its held-out tenth, never trained on.
+    A track whose manifest has no duration is decoded to measure it.
+    """
+    from rtagger.train.data.pool import load_track_audio
+
+    if not 0 < subset_fraction <= 1:
+        raise ConfigError(f"subset fraction must be in (0, 1], got {subset_fraction}")
+    if min_track_s < 0:
+        raise ConfigError(f"shortest track must be >= 0 s, got {min_track_s}")
+    subset = labelled_subset(tracks, subset_fraction, subset_seed)
+
+    def seconds(tr: Track) -> float:
+        return tr.duration if tr.duration is not None else len(load_track_audio(tr)) / SAMPLE_RATE
+    kept = [tr for tr in subset if min_track_s == 0 or seconds(tr) >= min_track_s]
+    log.info("mixing %d of %d tracks (subset %g seed %d: %d; %d shorter than %g s)", len(kept),
+             len(tracks), subset_fraction, subset_seed, len(subset), len(subset) - len(kept),
+             min_track_s)
+    return kept
+
+
+def onset_envelope(audio: np.ndarray) -> np.ndarray:
+    """Spectral flux of ``(n,)`` 16 kHz audio: ``(frames,)`` at :data:`TEMPO_FPS`.
+
+    The rise of log magnitude from one frame to the next, summed over frequency bins.
+    """
+    if len(audio) < N_FFT:
+        return np.zeros(0, np.float32)
+    win = np.hanning(N_FFT).astype(np.float32)
+    frames = np.lib.stride_tricks.sliding_window_view(audio, N_FFT)[::TEMPO_HOP]
+    flux, prev = [], None
+    for s in range(0, len(frames), 4096):  # blocks: a whole track's spectrum at once is large
+        logmag = np.log1p(1000.0 * np.abs(np.fft.rfft(frames[s : s + 4096] * win, axis=1)))
+        both = logmag if prev is None else np.concatenate([prev, logmag])
+        flux.append(np.maximum(np.diff(both, axis=0), 0).sum(axis=1))
+        prev = logmag[-1:]
+    return np.concatenate(flux).astype(np.float32)
+
+
+def estimate_tempo(audio: np.ndarray) -> float | None:
+    """Beats per minute of ``(n,)`` 16 kHz audio in [60, 180]; None without a pulse to find.
+
+    The autocorrelation of the onset envelope, weighted by a log-normal prior around 120
+    BPM, picks the beat period; a parabola through the peak refines it between frames.
+    Octave errors (half or double the felt tempo) remain possible, as for any such method.
+    """
+    lo = int(60 * TEMPO_FPS / TEMPO_MAX_BPM)
+    hi = int(np.ceil(60 * TEMPO_FPS / TEMPO_MIN_BPM))
+    env = onset_envelope(audio)
+    if env.size < 2 * hi:  # two of the slowest beats at least
+        return None
+    kernel = np.exp(-0.5 * (np.arange(-8, 9) / 2.0) ** 2)  # smooth peaks for the parabola
+    env = np.convolve(env, kernel / kernel.sum(), mode="same")
+    env -= env.mean()
+    acf = np.fft.irfft(np.abs(np.fft.rfft(env, 2 * env.size)) ** 2)[: hi + 2]
+    lags = np.arange(lo, hi + 1)
+    bpm = 60 * TEMPO_FPS / lags
+    prior = np.exp(-0.5 * (np.log2(bpm / TEMPO_PRIOR_BPM) / TEMPO_PRIOR_OCTAVES) ** 2)
+    score = np.where((bpm >= TEMPO_MIN_BPM) & (bpm <= TEMPO_MAX_BPM), acf[lags] * prior, -np.inf)
+    lag = int(lags[np.argmax(score)])
+    if acf[lag] <= 1e-6 * acf[0] or acf[0] <= 0:  # no periodicity (silence, a steady tone)
+        return None
+    a, b, c = acf[lag - 1], acf[lag], acf[lag + 1]
+    shift = 0.5 * (a - c) / (a - 2 * b + c) if a - 2 * b + c < 0 else 0.0
+    return float(60 * TEMPO_FPS / (lag + shift))
+
+
+def match_speed(out_bpm: float | None, in_bpm: float | None,
+                max_change: float = MAX_SPEED_CHANGE) -> float:
+    """Speed for the incoming track so its tempo (or double, or half) meets ``out_bpm``.
+
+    1.0 when no such speed is within ``max_change``, or a tempo is unknown. The speed is
+    one the varispeed resampler plays exactly: an integer source rate over 16 kHz.
+    """
+    if out_bpm is None or in_bpm is None:
+        return 1.0
+    speed = min((out_bpm / (in_bpm * m) for m in (0.5, 1.0, 2.0)), key=lambda r: abs(np.log(r)))
+    if abs(speed - 1.0) > max_change:
+        return 1.0
+    return round(SAMPLE_RATE * speed) / SAMPLE_RATE
+
+
+def varispeed(audio: np.ndarray, speed: float) -> np.ndarray:
+    """``(n,)`` 16 kHz audio played ``speed`` times faster, pitch with it: ``(~n / speed,)``.
+
+    As a turntable does: the samples are taken as recorded at ``speed`` x 16 kHz and
+    resampled to 16 kHz (FFmpeg's resampler).
+    """
+    rate = round(SAMPLE_RATE * speed)
+    if rate == SAMPLE_RATE:
+        return audio
+    resample = Resampler(rate, source="<varispeed>")
+    return np.concatenate([resample(audio), resample.flush()])
+
+
+def _excerpt(audio: np.ndarray, max_samples: int | None) -> np.ndarray:
+    if max_samples is None or len(audio) <= max_samples:
+        return audio
+    start = (len(audio) - max_samples) // 2  # the middle: no intro or fade-out
+    return audio[start : start + max_samples]
 
 
 def _crossfade(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
@@ -49,15 +182,33 @@ def _crossfade(a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([a[:-n], mid, b[n:]])
 
 
+def _bpm(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
+
+
 def build_mixes(tracks: list[Track], out_dir: str | Path, n_mixes: int, *,
-                tracks_per_mix: int = 4, max_crossfade_s: float = 8.0, seed: int = 0,
-                progress: bool = True) -> list[Mix]:
+                tracks_per_mix: int = 4, min_crossfade_s: float = 0.0,
+                max_crossfade_s: float = 8.0, max_track_s: float | None = None,
+                tempo_match: bool = False, seed: int = 0, progress: bool = True) -> list[Mix]:
     """Write ``n_mixes`` mixes (``mix-XXX.flac`` + ``mixes.jsonl``); existing ones are kept.
 
-    Resumable: a mix's index line is appended only after its audio file is complete.
+    Crossfades are drawn uniformly in [``min_crossfade_s``, ``max_crossfade_s``] seconds;
+    when the minimum is 0, a fifth of them are hard cuts instead. Each track contributes its
+    middle ``max_track_s`` seconds (all of it by default). ``tempo_match``: see
+    :func:`match_speed` and :func:`varispeed`; the boundaries are measured after the speed
+    change. Resumable: a mix's index line is appended only after its audio file is complete
+    (a resumed run keeps the mixes already there whatever settings made them).
     """
     from rtagger.train.data.pool import load_track_audio
 
+    if not 0 <= min_crossfade_s <= max_crossfade_s:
+        raise ConfigError(f"crossfades must satisfy 0 <= min <= max, got min "
+                          f"{min_crossfade_s} s, max {max_crossfade_s} s")
+    if max_track_s is not None and max_track_s <= 0:
+        raise ConfigError(f"longest excerpt must be > 0 s, got {max_track_s}")
+    if len(tracks) < 2:
+        raise ConfigError(f"a mix needs at least 2 tracks, got {len(tracks)}")
+    max_samples = None if max_track_s is None else int(max_track_s * SAMPLE_RATE)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     done = {m.path.name: m for m in read_mixes(out)}
@@ -65,8 +216,9 @@ def build_mixes(tracks: list[Track], out_dir: str | Path, n_mixes: int, *,
     plans = []
     for i in range(n_mixes):  # draw every plan first: the same mixes whatever was done
         picks = rng.choice(len(tracks), size=min(tracks_per_mix, len(tracks)), replace=False)
-        fades = rng.uniform(0, max_crossfade_s, len(picks) - 1)
-        fades[rng.random(len(fades)) < 0.2] = 0.0  # some hard cuts
+        fades = rng.uniform(min_crossfade_s, max_crossfade_s, len(picks) - 1)
+        if min_crossfade_s == 0:  # the draws of mixes made before a minimum existed
+            fades[rng.random(len(fades)) < HARD_CUT_SHARE] = 0.0
         plans.append((f"mix-{i:03d}.flac", [tracks[j] for j in picks], fades))
     bar = Bar("building mixes", n_mixes, enabled=progress)
     mixes = []
@@ -76,19 +228,27 @@ def build_mixes(tracks: list[Track], out_dir: str | Path, n_mixes: int, *,
                 mixes.append(done[name])
                 bar.advance()
                 continue
-            audio = load_track_audio(picked[0])
-            bounds = []
+            audio = _excerpt(load_track_audio(picked[0]), max_samples)
+            played_bpm = estimate_tempo(audio)
+            bounds, transitions = [], []
             for tr, fade_s in zip(picked[1:], fades, strict=True):
-                nxt = load_track_audio(tr)
+                nxt = _excerpt(load_track_audio(tr), max_samples)
+                in_bpm = estimate_tempo(nxt)
+                speed = match_speed(played_bpm, in_bpm) if tempo_match else 1.0
+                nxt = varispeed(nxt, speed)
                 n = min(int(fade_s * SAMPLE_RATE), len(audio), len(nxt))
                 bounds.append((len(audio) - n / 2) / SAMPLE_RATE)
+                transitions.append(Transition(round(n / SAMPLE_RATE, 3), _bpm(played_bpm),
+                                              _bpm(in_bpm), speed))
                 audio = _crossfade(audio, nxt, n)
+                played_bpm = None if in_bpm is None else in_bpm * speed
             with atomic_path(out / name) as tmp:  # a mix file exists only when complete
                 write_flac(tmp, audio)
             mix = Mix(out / name, [round(b, 3) for b in bounds], len(audio) / SAMPLE_RATE,
-                      [t.id for t in picked])
+                      [t.id for t in picked], transitions)
             index.write({"path": name, "boundaries_s": mix.boundaries_s,
-                         "duration_s": mix.duration_s, "track_ids": mix.track_ids})
+                         "duration_s": mix.duration_s, "track_ids": mix.track_ids,
+                         "transitions": [asdict(t) for t in transitions]})
             mixes.append(mix)
             bar.advance()
     bar.close()
@@ -202,5 +362,6 @@ def _as_window(w):
 def read_mixes(out_dir: str | Path) -> list[Mix]:
     out = Path(out_dir)
     index = out / "mixes.jsonl"
-    return [Mix(out / d["path"], d["boundaries_s"], d["duration_s"], d["track_ids"])
+    return [Mix(out / d["path"], d["boundaries_s"], d["duration_s"], d["track_ids"],
+                [Transition(**t) for t in d.get("transitions", [])])
             for _, d in read_records(index) if (out / d["path"]).is_file()]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from rtagger.errors import ConfigError
 from rtagger.model.vocab import tag_groups_v1, tags_v1
+from rtagger.train.evaluation.compare import Row, paired_delta
 from rtagger.train.evaluation.evaluate import (
     bootstrap_ci,
     compare_table,
@@ -210,3 +213,30 @@ def test_bootstrap_paired_difference() -> None:
         bootstrap_ci(y, s, metric="f1")
     with pytest.raises(ValueError, match="both positives and negatives"):
         bootstrap_ci(np.zeros_like(y), s)
+
+
+def _row(label: str, tags: list[str], y: np.ndarray, s: np.ndarray) -> Row:
+    from rtagger.train.evaluation.evaluate import macro_auc
+
+    songs = {"ids": np.array([f"song{i}" for i in range(len(y))]), "tags": np.array(tags),
+             "true": y, "mean": s}
+    return Row(label, Path(label), "song/mean", {"macro": macro_auc(y, s)}, None, {}, songs)
+
+
+def test_paired_delta_compares_two_vocabularies_on_their_common_tags() -> None:
+    y, s = synthetic(n=120, n_tags=4, seed=3)
+    noisy = s + 2.0 * np.random.default_rng(1).standard_normal(s.shape)
+    old = _row("old", ["a", "b", "c", "d"], y, noisy)
+    # the newer model emits two more tags (unlabelled here), in between the old ones
+    wide = np.insert(s, [1, 3], 0.5, axis=1)
+    new = _row("new", ["a", "x", "b", "c", "y", "d"], np.insert(y, [1, 3], 0, axis=1), wide)
+    delta, low, high = paired_delta(new, old, n=200)
+    assert delta == pytest.approx(paired_delta(_row("same", old.songs["tags"].tolist(), y, s),
+                                               old, n=200)[0])
+    assert 0.0 < low <= delta <= high
+    other = _row("other", ["p", "q", "r", "s"], y, s)
+    with pytest.raises(ConfigError, match="no tag in common"):
+        paired_delta(other, old)
+    relabelled = _row("relabelled", ["a", "b", "c", "d"], 1 - y, s)
+    with pytest.raises(ConfigError, match="other labels"):
+        paired_delta(relabelled, old)

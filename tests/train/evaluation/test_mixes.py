@@ -1,21 +1,53 @@
-"""Simulated DJ mixes and the segmentation evaluation."""
+"""Simulated DJ mixes (crossfades, subsets, tempo matching) and the segmentation evaluation."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 from conftest import write_audio
+from typer.testing import CliRunner
 
 from rtagger.audio.decode import SAMPLE_RATE, load_audio
 from rtagger.audio.signals import music_like
+from rtagger.errors import ConfigError
 from rtagger.model.checkpoint import save_model
-from rtagger.train.data.manifest import Track
+from rtagger.train.data.manifest import Track, write_manifest
+from rtagger.train.data.windows import labelled_subset
 from rtagger.train.evaluation.mixes import (
+    Transition,
     boundary_scores,
     build_mixes,
+    estimate_tempo,
     evaluate_segmentation,
+    match_speed,
     read_mixes,
+    select_tracks,
+    varispeed,
 )
+
+
+def clicks(bpm: float, seconds: float, seed: int = 0) -> np.ndarray:
+    """A 1 kHz click on every beat over a faint noise floor: ``(n,)`` float32 at 16 kHz."""
+    rng = np.random.default_rng(seed)
+    x = 0.002 * rng.standard_normal(int(seconds * SAMPLE_RATE)).astype(np.float32)
+    t = np.arange(int(0.03 * SAMPLE_RATE)) / SAMPLE_RATE
+    click = (0.8 * np.exp(-t / 0.005) * np.sin(2 * np.pi * 1000 * t)).astype(np.float32)
+    for start_s in np.arange(rng.uniform(0, 0.3), seconds, 60 / bpm):
+        i = int(start_s * SAMPLE_RATE)
+        seg = click[: x.size - i]
+        x[i : i + seg.size] += seg
+    return x
+
+
+def click_tracks(folder, bpms: list[float], seconds: float) -> list[Track]:
+    tracks = []
+    for i, bpm in enumerate(bpms):
+        p = write_audio(folder / f"c{i}.flac", clicks(bpm, seconds, seed=i), SAMPLE_RATE,
+                        "flac", "s16")
+        tracks.append(Track(f"c{i}", str(p), (), "test", seconds))
+    return tracks
 
 
 def test_boundary_scores_match_one_to_one_within_tolerance():
@@ -69,3 +101,151 @@ def test_a_sweep_tags_once_and_scores_every_setting(songs, tmp_path, debug_model
     assert grid[(2.1, 1)]["found"] == 0  # no window is ever that far: no boundary
     assert grid[(-1.0, 1)]["found"] > 0  # every window is novel: a boundary when allowed
     assert r["best"]["f_measure"] == max(g["f_measure"] for g in r["grid"])
+
+
+@pytest.mark.parametrize("bpm", [100.0, 128.0, 72.0, 165.0])
+def test_the_tempo_of_a_click_track_is_found(bpm):
+    assert estimate_tempo(clicks(bpm, 12.0)) == pytest.approx(bpm, rel=0.02)
+
+
+def test_no_pulse_no_tempo():
+    assert estimate_tempo(np.zeros(10 * SAMPLE_RATE, np.float32)) is None
+    assert estimate_tempo(clicks(120.0, 1.0)) is None  # shorter than two slowest beats
+
+
+def test_the_speed_meets_the_tempo_or_its_octave_within_the_fader_range():
+    assert match_speed(128.0, 125.0) == pytest.approx(128 / 125, abs=1 / SAMPLE_RATE)
+    assert match_speed(128.0, 66.0) == pytest.approx(128 / 132, abs=1 / SAMPLE_RATE)  # double
+    assert match_speed(70.0, 136.0) == pytest.approx(140 / 136, abs=1 / SAMPLE_RATE)  # half
+    assert match_speed(128.0, 100.0) == 1.0  # 28 % away: left as it is
+    assert match_speed(None, 120.0) == 1.0
+
+
+def test_varispeed_changes_length_and_tempo_together():
+    x = clicks(120.0, 10.0)
+    y = varispeed(x, 1.05)
+    assert abs(len(y) - len(x) / 1.05) <= 2
+    assert estimate_tempo(y) == pytest.approx(126.0, rel=0.005)
+
+
+def test_a_tempo_matched_mix_records_its_speeds_and_true_boundaries(tmp_path):
+    tracks = click_tracks(tmp_path, [120.0, 125.0, 116.0], 10.0)
+    (mix,) = build_mixes(tracks, tmp_path / "mixes", 1, tracks_per_mix=3, min_crossfade_s=2.0,
+                         max_crossfade_s=3.0, tempo_match=True, seed=3, progress=False)
+    t0, t1 = mix.transitions
+    true = {t.id: bpm for t, bpm in zip(tracks, [120.0, 125.0, 116.0], strict=True)}
+    first, second, third = (true[i] for i in mix.track_ids)
+    assert t0.tempo_out_bpm == pytest.approx(first, rel=0.01)
+    assert t0.tempo_in_bpm == pytest.approx(second, rel=0.01)
+    assert t1.tempo_in_bpm == pytest.approx(third, rel=0.01)
+    for t in (t0, t1):  # every track is brought to the first one's tempo
+        assert t.speed != 1.0
+        assert t.speed == pytest.approx(t.tempo_out_bpm / t.tempo_in_bpm, abs=2e-4)
+        assert t.tempo_out_bpm == pytest.approx(t0.tempo_out_bpm, abs=0.02)
+    # the output timeline: the second and third tracks last 10 s / their speed
+    f0, f1 = t0.crossfade_s, t1.crossfade_s
+    second_s = 10.0 / t0.speed
+    assert mix.boundaries_s[0] == pytest.approx(10.0 - f0 / 2, abs=2e-3)
+    assert mix.boundaries_s[1] == pytest.approx(10.0 + second_s - f0 - f1 / 2, abs=2e-3)
+    audio = load_audio(mix.path)
+    assert len(audio) / SAMPLE_RATE == pytest.approx(
+        10.0 + second_s + 10.0 / t1.speed - f0 - f1, abs=2e-3)
+    # and the second track really plays at the first one's tempo
+    alone = audio[int((10.0 + 0.1) * SAMPLE_RATE) : int((10.0 + second_s - f0 - f1 - 0.1)
+                                                         * SAMPLE_RATE)]
+    assert estimate_tempo(alone) == pytest.approx(first, rel=0.01)
+
+
+def test_tempos_further_apart_than_the_fader_are_left_alone(tmp_path):
+    tracks = click_tracks(tmp_path, [100.0, 140.0], 6.0)
+    (mix,) = build_mixes(tracks, tmp_path / "mixes", 1, tracks_per_mix=2, tempo_match=True,
+                         progress=False)
+    assert mix.transitions[0].speed == 1.0
+    assert mix.duration_s == pytest.approx(12.0 - mix.transitions[0].crossfade_s, abs=2e-3)
+
+
+def test_crossfades_respect_min_and_max_and_excerpts_the_middle(songs, tmp_path):
+    mixes = build_mixes(songs, tmp_path / "mixes", 6, tracks_per_mix=3, min_crossfade_s=1.0,
+                        max_crossfade_s=1.5, max_track_s=4.0, seed=5, progress=False)
+    fades = [t.crossfade_s for m in mixes for t in m.transitions]
+    assert len(fades) == 12 and all(1.0 <= f <= 1.5 for f in fades)  # no hard cuts
+    for m in mixes:
+        assert [t.speed for t in m.transitions] == [1.0, 1.0]
+        assert m.duration_s == pytest.approx(12.0 - sum(t.crossfade_s for t in m.transitions),
+                                             abs=2e-3)
+        assert m.boundaries_s[0] == pytest.approx(4.0 - m.transitions[0].crossfade_s / 2,
+                                                  abs=2e-3)
+    excerpt = load_audio(mixes[0].path)[: 2 * SAMPLE_RATE]
+    whole = load_audio(songs[[s.id for s in songs].index(mixes[0].track_ids[0])].path)
+    assert np.allclose(excerpt, whole[SAMPLE_RATE : 3 * SAMPLE_RATE], atol=1e-3)
+
+
+def test_the_subset_is_exactly_labelled_subset_less_short_tracks(tmp_path):
+    tracks = [Track(f"t{i:02d}", str(tmp_path / "none.flac"), (), "unlabelled", 30.0 + i)
+              for i in range(40)]
+    kept = select_tracks(tracks, subset_fraction=0.3, subset_seed=7)
+    assert kept == labelled_subset(tracks, 0.3, 7) and 0 < len(kept) < 40
+    long_ = select_tracks(tracks, subset_fraction=0.3, subset_seed=7, min_track_s=50.0)
+    assert long_ == [t for t in kept if t.duration >= 50.0]
+    short = write_audio(tmp_path / "short.flac", music_like(2.0), SAMPLE_RATE, "flac", "s16")
+    unknown = [Track("short", str(short), (), "unlabelled"), tracks[0]]  # duration unknown
+    assert select_tracks(unknown, min_track_s=25.0) == [tracks[0]]  # measured: 2 s
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+def test_a_fraction_outside_zero_one_is_refused(fraction):
+    with pytest.raises(ConfigError, match="fraction"):
+        select_tracks([], subset_fraction=fraction)
+
+
+def test_bad_crossfades_and_too_few_tracks_are_refused(songs, tmp_path):
+    with pytest.raises(ConfigError, match="min <= max"):
+        build_mixes(songs, tmp_path, 1, min_crossfade_s=5.0, max_crossfade_s=4.0)
+    with pytest.raises(ConfigError, match="at least 2 tracks"):
+        build_mixes(songs[:1], tmp_path, 1)
+
+
+def test_old_index_lines_still_read_and_resume(songs, tmp_path):
+    out = tmp_path / "mixes"
+    build_mixes(songs, out, 1, tracks_per_mix=2, seed=1, progress=False)
+    index = out / "mixes.jsonl"
+    line = json.loads(index.read_text())
+    del line["transitions"]  # as written before transitions were recorded
+    index.write_text(json.dumps(line) + "\n")
+    (old,) = read_mixes(out)
+    assert old.transitions == [] and old.boundaries_s == line["boundaries_s"]
+    again = build_mixes(songs, out, 2, tracks_per_mix=2, seed=1, progress=False)
+    assert again[0] == old and len(again[1].transitions) == 1
+    assert read_mixes(out)[1].transitions == again[1].transitions
+    assert isinstance(again[1].transitions[0], Transition)
+
+
+def test_the_cli_mixes_the_subset_with_matched_tempi(tmp_path):
+    from rtagger.cli.main import app
+
+    tracks = click_tracks(tmp_path, [118.0, 120.0, 122.0, 124.0, 121.0, 119.0], 6.0)
+    manifest = write_manifest(tmp_path / "manifest.jsonl", tracks)
+    keep = {t.id for t in labelled_subset(tracks, 0.6, 7)}
+    assert len(keep) >= 2  # a property of these ids
+    res = CliRunner().invoke(app, [
+        "data", "mixes", "--manifest", str(manifest), "--out", str(tmp_path / "mixes"),
+        "--mixes", "2", "--tracks-per-mix", "2", "--subset-fraction", "0.6",
+        "--subset-seed", "7", "--min-track-s", "5", "--max-track-s", "5",
+        "--min-crossfade", "1", "--max-crossfade", "2", "--tempo-match"])
+    assert res.exit_code == 0, res.output
+    mixes = read_mixes(tmp_path / "mixes")
+    assert len(mixes) == 2 and all(set(m.track_ids) <= keep for m in mixes)
+    assert all(m.transitions[0].speed != 1.0 for m in mixes)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--min-crossfade", "9", "--max-crossfade", "8"], "min <= max"),
+    (["--subset-fraction", "0"], "fraction"),
+])
+def test_the_cli_refuses_bad_options_with_exit_code_2(tmp_path, songs, args, message):
+    from rtagger.cli.main import app
+
+    manifest = write_manifest(tmp_path / "manifest.jsonl", songs)
+    res = CliRunner().invoke(app, ["data", "mixes", "--manifest", str(manifest),
+                                   "--out", str(tmp_path / "mixes"), *args])
+    assert res.exit_code == 2 and message in res.output
