@@ -111,7 +111,7 @@ def _check_target(out: Path, overwrite: bool) -> None:
 def _manifest(model: TaggingModel, fmt: str) -> dict:
     from rtagger import __version__
 
-    d_model = model.tagger.cfg.d_model
+    d_model = model.tagger.cfg.embedding_dim
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -231,7 +231,7 @@ def run_bench(settings: BenchSettings,
     ``progress(label, total_steps)`` is called when a new measurement starts; ticks of
     ``progress("", 0)`` mark progress inside it (see :func:`register` for a rich bar).
     """
-    from rtagger.model.network import tagger_cost
+    from rtagger.model.cost import tagger_cost
 
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)

@@ -75,7 +75,7 @@ def setup_of(tagger: Tagger) -> Setup:
                  aggregation=tagger.new_session().context.method, model_name=m.name,
                  model_source=m.source or m.name, trained=m.trained, tags=tags,
                  tags_sha256=digest, vocabulary=vocabulary,
-                 embedding_dim=m.tagger.cfg.d_model)
+                 embedding_dim=m.tagger.cfg.embedding_dim)
 
 
 # --- the worker process's side ------------------------------------------------------------

@@ -163,7 +163,7 @@ def sizes(n_tags: int = typer.Option(36, help="Number of output tags.")) -> None
     """Parameters and multiply-accumulates per window for each model size."""
     from rich.table import Table
 
-    from rtagger.model.network import size_report
+    from rtagger.model.cost import size_report
 
     table = Table(title="model sizes (MACs per 3.69 s window)")
     for col in ("size", "tagger params", "tagger MACs/window", "aggregator params",

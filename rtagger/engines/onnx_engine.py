@@ -2,7 +2,8 @@
 
 The exported graph takes ``windows`` ``(batch, WINDOW_SAMPLES)`` float32 (dynamic batch
 axis) and returns ``probs`` ``(batch, n_tags)`` (sigmoid applied) and ``embedding``
-``(batch, d_model)``. It includes the log-mel front end.
+``(batch, embedding_dim)``. It includes the log-mel front end (and the chroma profile of a
+tagger that has one).
 
 Why the front end is rewritten for export: ``torch.stft`` returns a complex tensor, which
 the TorchScript ONNX exporter refuses (the torch.export-based exporter needs the extra
@@ -41,7 +42,7 @@ from rtagger.audio.decode import WINDOW_SAMPLES
 from rtagger.engines import check_windows
 from rtagger.errors import ConfigError, EngineUnavailable
 from rtagger.model.checkpoint import TaggingModel
-from rtagger.model.features import AMIN, LogMel
+from rtagger.model.features import AMIN, Chroma, LogMel, chroma_profile
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +51,22 @@ INPUT_NAME = "windows"
 OUTPUT_NAMES = ("probs", "embedding")
 
 
-class FourStepLogMel(nn.Module):
-    """Export-friendly twin of :class:`~rtagger.model.features.LogMel` (same parameters, buffers).
+class FourStepSTFT(nn.Module):
+    """``(batch, samples)`` -> ``(batch, frames, n_fft // 2 + 1)`` power spectrum with plain
+    tensor ops: the centred, reflect-padded, windowed STFT of ``torch.stft``.
 
-    ``(batch, WINDOW_SAMPLES)`` -> ``(batch, n_mels, frames)`` dB. Needs ``n_fft == 2 *
-    hop_length`` (frames are two consecutive hops) and a power-of-two ``n_fft``.
+    Needs ``n_fft == 2 * hop`` (frames are two consecutive hops) and a power-of-two ``n_fft``.
     """
 
-    def __init__(self, mel: LogMel, n_samples: int = WINDOW_SAMPLES) -> None:
+    def __init__(self, n_fft: int, hop: int, window: torch.Tensor,
+                 n_samples: int = WINDOW_SAMPLES) -> None:
         super().__init__()
-        n = mel.n_fft
-        if n != 2 * mel.hop_length or n & (n - 1):
-            raise ConfigError(f"FourStepLogMel needs a power-of-two n_fft equal to twice the "
-                              f"hop, got n_fft={n}, hop={mel.hop_length}")
-        self.n_fft, self.hop = n, mel.hop_length
+        n = n_fft
+        if n != 2 * hop or n & (n - 1):
+            raise ConfigError(f"the four-step STFT needs a power-of-two n_fft equal to twice "
+                              f"the hop, got n_fft={n}, hop={hop}")
+        self.n_fft, self.hop = n, hop
         self.frames = 1 + n_samples // self.hop
-        self.n_samples = n_samples
         # n = r1 + n1 * r2 with r1 < n1, r2 < n2; bins k = k2 + n2 * k1.
         self.n2 = 1 << math.ceil(math.log2(n) / 2)
         self.n1 = n // self.n2
@@ -84,8 +85,7 @@ class FourStepLogMel(nn.Module):
         # [re | im] (.., 2 * n1) @ stage2 -> [re | im] (.., 2 * k1): a complex matmul.
         self.register_buffer("stage2", torch.cat([torch.cat([c, s], 1),
                                                   torch.cat([-s, c], 1)]).float())
-        self.register_buffer("window", mel.window.detach().clone())
-        self.register_buffer("fbank_t", mel.fbank.detach().t().contiguous())
+        self.register_buffer("window", window.detach().clone())
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         half = self.n_fft // 2
@@ -99,8 +99,37 @@ class FourStepLogMel(nn.Module):
         spec = torch.matmul(z, self.stage2)  # (B, T, k2, [re k1 | im k1])
         power = spec[..., : self.k1].square() + spec[..., self.k1 :].square()
         power = power.transpose(2, 3).reshape(-1, self.frames, self.k1 * self.n2)
-        mel = torch.matmul(power[..., : self.n_bins], self.fbank_t)  # (B, T, n_mels)
+        return power[..., : self.n_bins]
+
+
+class FourStepLogMel(nn.Module):
+    """Export-friendly twin of :class:`~rtagger.model.features.LogMel` (same parameters, buffers).
+
+    ``(batch, WINDOW_SAMPLES)`` -> ``(batch, n_mels, frames)`` dB. Needs ``n_fft == 2 *
+    hop_length`` (frames are two consecutive hops) and a power-of-two ``n_fft``.
+    """
+
+    def __init__(self, mel: LogMel, n_samples: int = WINDOW_SAMPLES) -> None:
+        super().__init__()
+        self.stft = FourStepSTFT(mel.n_fft, mel.hop_length, mel.window, n_samples)
+        self.register_buffer("fbank_t", mel.fbank.detach().t().contiguous())
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        mel = torch.matmul(self.stft(wave), self.fbank_t)  # (B, T, n_mels)
         return 10.0 * torch.log10(torch.clamp(mel.transpose(1, 2), min=AMIN))
+
+
+class FourStepChroma(nn.Module):
+    """Export-friendly twin of :class:`~rtagger.model.features.Chroma`: ``(batch, 12)``."""
+
+    def __init__(self, chroma: Chroma, n_samples: int = WINDOW_SAMPLES) -> None:
+        super().__init__()
+        self.stft = FourStepSTFT(chroma.n_fft, chroma.hop_length, chroma.window, n_samples)
+        self.register_buffer("fbank", chroma.fbank.detach().clone())
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        magnitude = self.stft(wave).sqrt().transpose(1, 2)  # (B, bins, T)
+        return chroma_profile(self.fbank, magnitude)
 
 
 def export_onnx(model: TaggingModel, path: str | Path | None = None) -> bytes:
@@ -112,7 +141,8 @@ def export_onnx(model: TaggingModel, path: str | Path | None = None) -> bytes:
     from rtagger.engines.torch_engine import WindowModel, inference_copy
 
     tagger = inference_copy(model.tagger, fold_batchnorm=False).cpu()
-    wm = WindowModel(tagger, FourStepLogMel(tagger.mel)).eval()
+    chroma = FourStepChroma(tagger.chroma) if tagger.chroma is not None else None
+    wm = WindowModel(tagger, FourStepLogMel(tagger.mel), chroma).eval()
     buf = io.BytesIO()
     example = torch.zeros(2, WINDOW_SAMPLES)
     axes = {name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)}

@@ -49,17 +49,20 @@ class WindowModel(nn.Module):
     :class:`rtagger.engines.onnx_engine.FourStepLogMel`); None keeps ``tagger.mel``.
     """
 
-    def __init__(self, tagger: ChunkTagger, mel: nn.Module | None = None) -> None:
+    def __init__(self, tagger: ChunkTagger, mel: nn.Module | None = None,
+                 chroma: nn.Module | None = None) -> None:
         super().__init__()
         self.tagger = tagger
         # Not ``tagger.mel`` a second time: a module registered twice saves its buffers
-        # twice in an exported program.
+        # twice in an exported program. ``chroma`` likewise replaces ``tagger.chroma``.
         self.mel = mel
+        self.chroma = chroma
 
     def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mel = self.tagger.mel if self.mel is None else self.mel
         logits, emb = self.tagger.forward_mel(mel(windows))
-        return torch.sigmoid(logits.float()), emb.float()
+        emb = self.tagger.with_chroma(emb.float(), windows, self.chroma)
+        return torch.sigmoid(logits.float()), emb
 
 
 def inference_copy(tagger: ChunkTagger, fold_batchnorm: bool = True) -> ChunkTagger:
@@ -240,6 +243,8 @@ def export_program(model: TaggingModel, path: str | Path,
     # torch.hann_window(periodic=True) is a view into a longer storage; the .pt2 writer
     # warns about such partial tensors, so the copy gets a compact window.
     tagger.mel.window = tagger.mel.window.clone()
+    if tagger.chroma is not None:
+        tagger.chroma.window = tagger.chroma.window.clone()
     wm = WindowModel(tagger).eval()
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     example = torch.zeros(2, WINDOW_SAMPLES)

@@ -145,7 +145,8 @@ def build_untrained(size: str, tags: list[str] | None = None, seed: int = 0,
         tagger = ChunkTagger(tagger_config(size, len(tags)))
         agg = None
         if with_aggregator:
-            agg = ContextAggregator(aggregator_config(size, len(tags), tagger.cfg.d_model))
+            agg = ContextAggregator(aggregator_config(size, len(tags), tagger.cfg.embedding_dim,
+                                                         chroma_bins=tagger.cfg.chroma_bins))
     finally:
         torch.random.set_rng_state(gen_state)
     model = TaggingModel(tagger, agg, tags, tag_groups(tags),

@@ -122,3 +122,62 @@ class LogMel(nn.Module):
             "scale": "power_db",
             "amin": AMIN,
         }
+
+
+# --- Chroma: the pitch classes a window holds ---------------------------------------------
+# The log-mel's 512-point STFT has 31 Hz bins: a semitone apart only above ~500 Hz, and the
+# CNN pools frequency away. Key and mode need pitch, so a tagger can carry a chroma summary
+# of each window beside its embedding, from a 4096-point STFT (3.9 Hz bins: a semitone
+# apart from C2 up).
+CHROMA_BINS = 12
+CHROMA_N_FFT = 4096  # 256 ms at 16 kHz
+CHROMA_HOP = 2048  # 29 frames per window
+CHROMA_F_MIN_HZ = 65.41  # C2
+CHROMA_F_MAX_HZ = 2093.0  # C7
+
+
+def chroma_filterbank(sample_rate: int = SAMPLE_RATE, n_fft: int = CHROMA_N_FFT,
+                      f_min: float = CHROMA_F_MIN_HZ, f_max: float = CHROMA_F_MAX_HZ,
+                      ) -> torch.Tensor:
+    """``(12, n_fft // 2 + 1)`` float64: each STFT bin in ``[f_min, f_max]`` shared between
+    its two nearest pitch classes (triangles one semitone wide; class 0 is C)."""
+    fft_hz = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
+    inside = (fft_hz >= f_min) & (fft_hz <= f_max)
+    pitch = 12.0 * torch.log2(fft_hz.clamp(min=1.0) / 440.0) + 69.0  # MIDI note number
+    classes = torch.arange(CHROMA_BINS, dtype=torch.float64)[:, None]
+    dist = torch.remainder(pitch[None, :] - classes + 6.0, 12.0) - 6.0  # circular semitones
+    return torch.clamp(1.0 - dist.abs(), min=0.0) * inside
+
+
+class Chroma(nn.Module):
+    """``(batch, samples)`` at 16 kHz -> ``(batch, 12)``: the window's pitch-class profile.
+
+    STFT magnitudes (Hann, centred, reflect-padded) summed over the window's frames into
+    pitch classes and normalised to sum 1 (all zeros for silence). No learned parameters.
+    """
+
+    def __init__(self, sample_rate: int = SAMPLE_RATE, n_fft: int = CHROMA_N_FFT,
+                 hop_length: int = CHROMA_HOP) -> None:
+        super().__init__()
+        self.n_fft = n_fft
+        self.hop_length = hop_length
+        self.register_buffer("window", torch.hann_window(n_fft, periodic=True), persistent=False)
+        fb = chroma_filterbank(sample_rate, n_fft).to(torch.float32)
+        self.register_buffer("fbank", fb, persistent=False)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=wave.device.type, enabled=False):
+            spec = torch.stft(wave.float(), n_fft=self.n_fft, hop_length=self.hop_length,
+                              window=self.window, center=True, pad_mode="reflect",
+                              return_complex=True)
+            return chroma_profile(self.fbank, spec.abs())
+
+    def params(self) -> dict:
+        return {"n_fft": self.n_fft, "hop_length": self.hop_length, "bins": CHROMA_BINS,
+                "f_min": CHROMA_F_MIN_HZ, "f_max": CHROMA_F_MAX_HZ, "scale": "magnitude_l1"}
+
+
+def chroma_profile(fbank: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """``(batch, bins, frames)`` STFT magnitudes -> ``(batch, 12)`` normalised profile."""
+    total = torch.matmul(fbank, magnitude).sum(dim=-1)  # (B, 12)
+    return total / total.sum(dim=-1, keepdim=True).clamp(min=1e-6)

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtagger.audio.decode import FRAMES_PER_WINDOW, N_MELS, WINDOW_SAMPLES
+from rtagger.audio.decode import FRAMES_PER_WINDOW, N_MELS
 from rtagger.errors import ConfigError
-from rtagger.model.features import LogMel
+from rtagger.model.features import CHROMA_BINS, Chroma, LogMel
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,13 @@ class TaggerConfig:
     dropout: float = 0.1
     drop_path: float = 0.0  # stochastic depth (noisy-student training)
     pooling: str = "cls"  # "cls" (the paper) or "mean" over tokens (CNN-only baseline)
+    # 12: the window's chroma profile (rtagger.model.features.Chroma) follows the CLS
+    # embedding in the embedding output, for a context aggregator that needs key and mode.
+    chroma_bins: int = 0
 
     def __post_init__(self) -> None:
+        if self.chroma_bins not in (0, CHROMA_BINS):
+            raise ConfigError(f"chroma_bins must be 0 or {CHROMA_BINS}, got {self.chroma_bins}")
         if self.pooling not in ("cls", "mean"):
             raise ConfigError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
         if self.pooling == "cls" and self.n_layers == 0:
@@ -53,6 +58,11 @@ class TaggerConfig:
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads "
                               f"{self.n_heads}")
+
+    @property
+    def embedding_dim(self) -> int:
+        """Size of the embedding output: the CLS embedding, then the chroma profile if any."""
+        return self.d_model + self.chroma_bins
 
     @property
     def tokens(self) -> int:
@@ -84,8 +94,15 @@ class AggregatorConfig:
     # tagger's head, so it starts as mean-pooled window logits) that the transformer,
     # initialised to add nothing, learns to correct.
     mean_skip: bool = False
+    # The last ``chroma_bins`` inputs of each window are its chroma profile (the tagger's
+    # ``chroma_bins``): read through transposition-invariant tonal features (see
+    # ContextAggregator), not as embedding dimensions.
+    chroma_bins: int = 0
+    tonal_templates: int = 16
 
     def __post_init__(self) -> None:
+        if self.chroma_bins not in (0, CHROMA_BINS):
+            raise ConfigError(f"chroma_bins must be 0 or {CHROMA_BINS}, got {self.chroma_bins}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads "
                               f"{self.n_heads}")
@@ -220,13 +237,16 @@ class ChunkTagger(nn.Module):
 
     ``forward(wave)``: ``(batch, WINDOW_SAMPLES)`` float32 at 16 kHz ->
     ``(logits (batch, n_tags), embedding (batch, d_model))``.
-    ``forward_mel(mel)`` takes ``(batch, n_mels, frames)`` dB log-mels instead.
+    ``forward_mel(mel)`` takes ``(batch, n_mels, frames)`` dB log-mels instead and returns
+    the CLS embedding alone; with ``chroma_bins`` the embedding of ``forward`` is
+    ``(batch, d_model + 12)``, the window's chroma profile appended (:meth:`with_chroma`).
     """
 
     def __init__(self, cfg: TaggerConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.mel = LogMel(n_mels=cfg.n_mels)
+        self.chroma = Chroma() if cfg.chroma_bins else None
         self.input_bn = nn.BatchNorm2d(1)  # learned input normalisation of the dB values
         blocks, c_in = [], 1
         for pool in cfg.pools:
@@ -253,7 +273,18 @@ class ChunkTagger(nn.Module):
         mel = self.mel(wave)
         if mel_transform is not None:
             mel = mel_transform(mel)
-        return self.forward_mel(mel)
+        logits, emb = self.forward_mel(mel)
+        return logits, self.with_chroma(emb, wave)
+
+    def with_chroma(self, emb: torch.Tensor, wave: torch.Tensor,
+                    chroma: nn.Module | None = None) -> torch.Tensor:
+        """The embedding output: ``emb`` (the CLS embedding from :meth:`forward_mel`), then
+        the windows' chroma profile when the config has one. ``chroma`` replaces the
+        tagger's own module (an export-friendly equivalent)."""
+        if self.chroma is None:
+            return emb
+        profile = (chroma or self.chroma)(wave)
+        return torch.cat([emb, profile.to(emb.dtype)], dim=-1)
 
     def forward_mel(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.input_bn(mel.unsqueeze(1))  # (B, 1, n_mels, frames)
@@ -269,6 +300,17 @@ class ChunkTagger(nn.Module):
         return self.head(emb), emb
 
 
+def with_chroma_profile(tagger: ChunkTagger) -> ChunkTagger:
+    """The same tagger (same weights, same logits) with the chroma profile after its
+    embedding: the profile has no learned parameters, so any trained tagger can gain it."""
+    if tagger.cfg.chroma_bins:
+        return tagger
+    cfg = TaggerConfig(**{**asdict(tagger.cfg), "chroma_bins": CHROMA_BINS})
+    out = ChunkTagger(cfg)
+    out.load_state_dict(tagger.state_dict())
+    return out.train(tagger.training)
+
+
 class ContextAggregator(nn.Module):
     """Track-level tags from a sequence of window embeddings.
 
@@ -281,7 +323,21 @@ class ContextAggregator(nn.Module):
     def __init__(self, cfg: AggregatorConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.inp = nn.Sequential(nn.LayerNorm(cfg.d_in), nn.Linear(cfg.d_in, cfg.d_model))
+        d_emb = cfg.d_in - cfg.chroma_bins
+        d_window = d_emb
+        if cfg.chroma_bins:
+            k = cfg.tonal_templates
+            # Learned key profiles, scored at all 12 transpositions of a chroma profile; the
+            # best transposition's score is what the window (or the context) sounds like,
+            # whatever its key.
+            self.templates = nn.Parameter(torch.randn(k, CHROMA_BINS) * 0.1)
+            rot = (torch.arange(CHROMA_BINS)[None, :] + torch.arange(CHROMA_BINS)[:, None])
+            self.register_buffer("rotations", rot % CHROMA_BINS, persistent=False)
+            self.tonal_head = nn.Linear(k, cfg.n_tags)
+            nn.init.zeros_(self.tonal_head.weight)
+            nn.init.zeros_(self.tonal_head.bias)
+            d_window += CHROMA_BINS + k
+        self.inp = nn.Sequential(nn.LayerNorm(d_window), nn.Linear(d_window, cfg.d_model))
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
         self.pos = nn.Parameter(torch.zeros(1, cfg.max_windows + 1, cfg.d_model))
         self.blocks = nn.ModuleList(
@@ -293,7 +349,7 @@ class ContextAggregator(nn.Module):
         nn.init.trunc_normal_(self.pos, std=0.02)
         nn.init.trunc_normal_(self.cls, std=0.02)
         if cfg.mean_skip:
-            self.skip = nn.Linear(cfg.d_in, cfg.n_tags)
+            self.skip = nn.Linear(d_emb, cfg.n_tags)
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
@@ -302,7 +358,14 @@ class ContextAggregator(nn.Module):
         if t > self.cfg.max_windows:
             raise ConfigError(f"{t} windows exceed the aggregator context "
                               f"({self.cfg.max_windows})")
-        x = self.inp(emb)
+        w = (emb.new_ones(b, t, 1) if valid is None else valid.to(emb.dtype).unsqueeze(-1))
+        n_chroma = self.cfg.chroma_bins
+        window_emb = emb[..., : emb.shape[-1] - n_chroma]
+        tonal_out = None
+        if n_chroma:
+            chroma = emb[..., -n_chroma:]
+            window_emb, tonal_out = self._with_tonal(window_emb, chroma, w)
+        x = self.inp(window_emb)
         x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1) + self.pos[:, : t + 1]
         pad = None
         if valid is not None:
@@ -310,91 +373,30 @@ class ContextAggregator(nn.Module):
         for blk in self.blocks:
             x = blk(x, pad)
         out = self.head(self.norm(x[:, 0]))
+        if tonal_out is not None:
+            out = out + tonal_out
         if self.cfg.mean_skip:
-            if valid is None:
-                mean = emb.mean(dim=1)
-            else:
-                w = valid.to(emb.dtype).unsqueeze(-1)
-                mean = (emb * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
-            out = out + self.skip(mean)
+            e = emb[..., : emb.shape[-1] - n_chroma]
+            out = out + self.skip((e * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0))
         return out
 
+    def _template_scores(self, chroma: torch.Tensor) -> torch.Tensor:
+        """``(..., 12)`` profiles -> ``(..., templates)``: each template's best transposition."""
+        rolled = chroma[..., self.rotations]  # (..., 12 transpositions, 12)
+        return torch.matmul(rolled, self.templates.t()).amax(dim=-2)
 
-# --- size report --------------------------------------------------------------------------
+    def _with_tonal(self, e: torch.Tensor, chroma: torch.Tensor, w: torch.Tensor):
+        """Window inputs with transposition-invariant tonal features, and the context's
+        tonal logits.
 
-
-def count_macs(model: nn.Module, *inputs: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass, counted with hooks.
-
-    Counts convolutions, linear layers, attention matmuls (QK^T and AV) and the mel
-    projection/STFT; ignores element-wise work (norms, activations), which is small.
-    """
-    total = 0
-
-    def conv_hook(m: nn.Conv2d, _inp, out):
-        nonlocal total
-        kh, kw = m.kernel_size
-        total += out.numel() * (m.in_channels // m.groups) * kh * kw
-
-    def linear_hook(m: nn.Linear, _inp, out):
-        nonlocal total
-        total += out.numel() * m.in_features
-
-    def attn_hook(m: SelfAttention, inp, _out):
-        nonlocal total
-        b, t, d = inp[0].shape
-        total += 2 * b * t * t * d  # scores and weighted sum, summed over heads
-
-    def mel_hook(m: LogMel, inp, out):
-        nonlocal total
-        b, n_mels, frames = out.shape
-        n_bins = m.n_fft // 2 + 1
-        # real FFT ~ (n_fft/2) log2(n_fft) complex MACs per frame; filterbank matmul
-        fft = (m.n_fft // 2) * int(torch.log2(torch.tensor(m.n_fft)).item()) * 4
-        total += b * frames * (fft + n_bins * n_mels)
-
-    hooks = []
-    for mod in model.modules():
-        if isinstance(mod, nn.Conv2d):
-            hooks.append(mod.register_forward_hook(conv_hook))
-        elif isinstance(mod, nn.Linear):
-            hooks.append(mod.register_forward_hook(linear_hook))
-        elif isinstance(mod, SelfAttention):
-            hooks.append(mod.register_forward_hook(attn_hook))
-        elif isinstance(mod, LogMel):
-            hooks.append(mod.register_forward_hook(mel_hook))
-    try:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            model(*inputs)
-        model.train(was_training)
-    finally:
-        for h in hooks:
-            h.remove()
-    return total
-
-
-def tagger_cost(tagger: ChunkTagger) -> dict:
-    """Parameters and multiply-accumulates per 3.69 s window of a window tagger."""
-    return {"params": sum(p.numel() for p in tagger.parameters()),
-            "macs_per_window": count_macs(tagger, torch.zeros(1, WINDOW_SAMPLES))}
-
-
-def size_report(n_tags: int = 36) -> list[dict]:
-    """Parameters and MACs per window (tagger) and per 64-window context (aggregator)."""
-    rows = []
-    for size in SIZES:
-        tagger = ChunkTagger(tagger_config(size, n_tags))
-        agg = ContextAggregator(aggregator_config(size, n_tags, tagger.cfg.d_model))
-        ctx = torch.zeros(1, agg.cfg.max_windows, tagger.cfg.d_model)
-        cost = tagger_cost(tagger)
-        rows.append({
-            "size": size,
-            "tagger_params": cost["params"],
-            "tagger_macs_per_window": cost["macs_per_window"],
-            "aggregator_params": sum(p.numel() for p in agg.parameters()),
-            "aggregator_macs_full_context": count_macs(agg, ctx),
-            "aggregator_context_windows": agg.cfg.max_windows,
-        })
-    return rows
+        Per window: its chroma rotated so that the context's strongest pitch class comes
+        first (a key change shows as a shifted profile, the song's key does not matter) and
+        its template scores. Per context: the template scores of the mean profile.
+        """
+        mean = (chroma * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)  # (B, 12)
+        ref = mean.argmax(dim=-1)  # (B,)
+        idx = (torch.arange(CHROMA_BINS, device=chroma.device)[None, :] + ref[:, None]) \
+            % CHROMA_BINS  # (B, 12)
+        relative = torch.gather(chroma, 2, idx[:, None, :].expand(-1, chroma.shape[1], -1))
+        window = torch.cat([e, relative, self._template_scores(chroma)], dim=-1)
+        return window, self.tonal_head(self._template_scores(mean))

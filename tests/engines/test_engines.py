@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -260,3 +262,22 @@ def test_tensorrt_compiles_once_then_loads_from_cache(debug_model, windows, refe
                            opt_batch=4)
     assert not second.compiled_now and second.path == first.path
     _check(second, windows, reference, *HALF_ATOL["fp16"])
+
+
+def test_a_tagger_with_a_chroma_profile_runs_alike_on_every_engine(debug_model, windows):
+    from rtagger.engines.onnx_engine import FourStepChroma
+    from rtagger.model.checkpoint import TaggingModel
+    from rtagger.model.network import with_chroma_profile
+
+    tagger = with_chroma_profile(debug_model.tagger).eval()
+    model = TaggingModel(tagger, None, list(debug_model.tags), dict(debug_model.tag_groups),
+                         name="debug-chroma", trained=False)
+    x = torch.from_numpy(windows)
+    with torch.inference_mode():
+        logits, emb = tagger(x)
+        assert float((FourStepChroma(tagger.chroma)(x) - tagger.chroma(x)).abs().max()) < 1e-5
+    reference = torch.sigmoid(logits).numpy(), emb.numpy()
+    assert emb.shape[1] == tagger.cfg.embedding_dim == tagger.cfg.d_model + 12
+    _check(create_engine(model, "torch"), windows, reference)
+    if importlib.util.find_spec("onnxruntime") is not None:
+        _check(create_engine(model, "onnx"), windows, reference)

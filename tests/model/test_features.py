@@ -53,3 +53,18 @@ def test_batch_items_are_independent():
     x = torch.from_numpy(np.random.default_rng(3).standard_normal((3, WINDOW_SAMPLES))).float()
     mel = LogMel()
     np.testing.assert_allclose(mel(x)[1].numpy(), mel(x[1:2])[0].numpy(), atol=1e-4)
+
+
+def test_chroma_profile_finds_the_pitch_classes_of_a_chord():
+    from rtagger.model.features import Chroma
+
+    t = np.arange(WINDOW_SAMPLES) / 16000
+    triad = sum(np.sin(2 * np.pi * f * t) for f in (261.63, 329.63, 392.0))  # C E G
+    chroma = Chroma()
+    with torch.no_grad():
+        profile = chroma(torch.from_numpy(triad.astype(np.float32))[None])[0].numpy()
+        silent = chroma(torch.zeros(1, WINDOW_SAMPLES))[0].numpy()
+    assert abs(profile.sum() - 1) < 1e-5
+    assert set(np.argsort(profile)[-3:]) == {0, 4, 7}
+    assert profile[[0, 4, 7]].sum() > 0.75
+    assert not silent.any()

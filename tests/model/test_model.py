@@ -7,6 +7,7 @@ import torch
 
 from rtagger.audio.decode import WINDOW_SAMPLES
 from rtagger.errors import ConfigError
+from rtagger.model.cost import count_macs
 from rtagger.model.network import (
     AggregatorConfig,
     ChunkTagger,
@@ -15,7 +16,6 @@ from rtagger.model.network import (
     aggregator_config,
     config_from_dict,
     config_to_dict,
-    count_macs,
     tagger_config,
 )
 
@@ -113,3 +113,40 @@ def test_sizes_are_named_by_size_and_old_role_names_say_so():
         tagger_config("student", 36)
     with pytest.raises(ConfigError, match="unknown model size 'huge'"):
         tagger_config("huge", 36)
+
+
+def test_a_chroma_profile_follows_the_embedding_and_changes_no_logit():
+    from rtagger.model.network import with_chroma_profile
+
+    tagger = ChunkTagger(tagger_config("debug", 5)).eval()
+    with_chroma = with_chroma_profile(tagger).eval()
+    wave = torch.randn(2, WINDOW_SAMPLES) * 0.1
+    with torch.no_grad():
+        logits, emb = tagger(wave)
+        logits2, emb2 = with_chroma(wave)
+    torch.testing.assert_close(logits, logits2)
+    torch.testing.assert_close(emb, emb2[:, : tagger.cfg.d_model])
+    assert emb2.shape[1] == with_chroma.cfg.embedding_dim == tagger.cfg.d_model + 12
+    torch.testing.assert_close(emb2[:, -12:].sum(dim=1), torch.ones(2))
+    with pytest.raises(ConfigError, match="chroma_bins"):
+        tagger_config("debug", 5, chroma_bins=7)
+
+
+def test_the_tonal_aggregator_does_not_depend_on_the_key():
+    torch.manual_seed(0)
+    d = 32 + 12
+    agg = ContextAggregator(aggregator_config("debug", 5, d, chroma_bins=12,
+                                              mean_skip=True)).eval()
+    torch.nn.init.normal_(agg.tonal_head.weight)  # zero at start: make it count
+    emb = torch.randn(2, 6, d)
+    emb[..., -12:] = torch.rand(2, 6, 12)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, 4:] = False
+    transposed = emb.clone()
+    transposed[..., -12:] = torch.roll(emb[..., -12:], 5, dims=-1)
+    changed = emb.clone()
+    changed[0, 3:, -12:] = torch.roll(emb[0, 3:, -12:], 2, dims=-1)  # a key change
+    with torch.no_grad():
+        out = agg(emb, valid)
+        torch.testing.assert_close(agg(transposed, valid), out)
+        assert not torch.allclose(agg(changed, valid)[0], out[0])

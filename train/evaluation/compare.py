@@ -63,7 +63,7 @@ def model_cost(model_path: str | Path, latency: bool = True, budget_s: float = 1
     from rtagger.bench.throughput import BenchSettings, measure_latency
     from rtagger.engines import create_engine
     from rtagger.model.checkpoint import load_model
-    from rtagger.model.network import tagger_cost
+    from rtagger.model.cost import tagger_cost
 
     model = load_model(model_path)
     cost = tagger_cost(model.tagger)

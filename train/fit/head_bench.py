@@ -97,8 +97,10 @@ def build_catalog(db: Path, spec: SyntheticSpec, model: str = "default") -> dict
     if db.exists():
         raise ConfigError(f"{db} exists; the benchmark writes a new catalog")
     base = load_model(model)
-    d = base.tagger.cfg.d_model
-    out_w = base.tagger.head.weight.detach().numpy().astype(np.float64)  # (n_tags, d)
+    d = base.tagger.cfg.embedding_dim
+    out_w = base.tagger.head.weight.detach().numpy().astype(np.float64)  # (n_tags, d_model)
+    # The output layer reads the CLS embedding only, not a chroma profile after it.
+    out_w = np.pad(out_w, ((0, 0), (0, d - out_w.shape[1])))
     out_b = base.tagger.head.bias.detach().numpy().astype(np.float64)
     rng = np.random.default_rng(spec.seed)
     names = spec.tag_names()

@@ -72,6 +72,12 @@ class AggregatorSection:
     max_windows: int = 64
     min_windows: int = 1  # sequences are cut at random lengths in [min, max] for live use
     hop_s: float = WINDOW_S  # window hop used to embed the songs
+    # Targets of a cut sequence: what its audio holds (from the synthetic songs' timelines:
+    # no breakdown before it is heard), not the whole song's tags.
+    prefix_targets: bool = True
+    # The frozen tagger's embedding gains each window's chroma profile (key and mode; see
+    # rtagger.model.features.Chroma) and the aggregator its tonal features.
+    chroma: bool = False
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from rtagger.atomic import atomic_write
-from rtagger.audio.decode import SAMPLE_RATE
+from rtagger.audio.decode import SAMPLE_RATE, WINDOW_S
 from rtagger.errors import ConfigError
 from rtagger.model.checkpoint import TaggingModel, load_model
 from rtagger.model.network import (
@@ -35,6 +35,7 @@ from rtagger.model.network import (
     ContextAggregator,
     aggregator_config,
     tagger_config,
+    with_chroma_profile,
 )
 from rtagger.model.vocab import tag_groups, vocabulary_tags
 from rtagger.pipeline.aggregate import context_indices, pad_contexts
@@ -53,6 +54,7 @@ from rtagger.train.evaluation.evaluate import macro_auc
 from rtagger.train.fit.augment import augmented_logits, augmenters
 from rtagger.train.fit.recipe import Recipe
 from rtagger.train.progress import Bar
+from rtagger.train.synth.labels import prefix_labels
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 32
@@ -178,6 +180,8 @@ class AggregatorTask:
                               f"checkpoint whose embeddings the aggregator reads")
         self.recipe = recipe
         self.base = load_model(recipe.model.init)
+        if a.chroma:
+            self.base.tagger = with_chroma_profile(self.base.tagger)
         self.tags = self.base.tags
         self.cache = FeatureCache(d.cache)
         train_tracks = labelled_subset(read_manifest(d.labelled), d.labelled_fraction,
@@ -186,6 +190,7 @@ class AggregatorTask:
         hop = round(a.hop_s * SAMPLE_RATE)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        self.train_tracks = train_tracks
         self.train_seqs = self._embed(train_tracks, hop, out / "emb-train.npz")
         self.train_y = multi_hot(train_tracks, self.tags)
         self.valid_seqs = self._embed(valid_tracks, hop, out / "emb-valid.npz")
@@ -194,6 +199,7 @@ class AggregatorTask:
         # tags have no song label (NaN, masked) and are left out of the metrics.
         defined = set(tag_list_for(train_tracks))
         self.eval_columns = np.array([i for i, t in enumerate(self.tags) if t in defined])
+        self.tag_index = {t: i for i, t in enumerate(self.tags)}
         self.train_y[:, [t not in defined for t in self.tags]] = np.nan
         # Unlabelled songs join with song-level pseudo targets: the mean of the teacher's
         # window probabilities over the song (from the pseudo-label shards).
@@ -204,9 +210,10 @@ class AggregatorTask:
             tracks = [Track(ref, ref, (), "unlabelled") for ref in refs]
             self.pseudo_seqs = self._embed(tracks, hop, out / "emb-pseudo.npz")
             self.pseudo_y = np.stack([songs[r] for r in refs]).astype(np.float32)
-        cfg = aggregator_config(recipe.model.size, len(self.tags),
-                                self.base.tagger.cfg.d_model, dropout=recipe.model.dropout,
-                                max_windows=a.max_windows, **recipe.model.arch)
+        tcfg = self.base.tagger.cfg
+        cfg = aggregator_config(recipe.model.size, len(self.tags), tcfg.embedding_dim,
+                                dropout=recipe.model.dropout, max_windows=a.max_windows,
+                                **{"chroma_bins": tcfg.chroma_bins, **recipe.model.arch})
         self.model = _seeded(recipe.seed, lambda: ContextAggregator(cfg))
         if cfg.mean_skip:  # start from mean-pooled window logits: the tagger's own head
             self.model.skip.load_state_dict(self.base.tagger.head.state_dict())
@@ -217,8 +224,9 @@ class AggregatorTask:
         if path.exists():
             z = np.load(path, allow_pickle=False)
             if list(z["ids"]) == ids:
-                return [(z["emb"][a:b], z["probs"][a:b])
-                        for a, b in itertools.pairwise(z["offsets"])]
+                # Each z[key] reads the whole array again: read each once.
+                emb, probs = z["emb"], z["probs"]
+                return [(emb[a:b], probs[a:b]) for a, b in itertools.pairwise(z["offsets"])]
         tagger = self.base.tagger.eval()
         seqs = []
         bar = Bar(f"embedding {path.stem}", len(tracks))
@@ -257,10 +265,26 @@ class AggregatorTask:
         for seqs, y, i in picks:
             emb = seqs[i][0]
             # A growing live context: the first L windows of the song, L random.
-            length = int(rng.integers(min(a.min_windows, len(emb)), len(emb) + 1))
-            ctxs.append(self._context(emb, max(length, 1)))
-            targets.append(y[i])
+            length = max(int(rng.integers(min(a.min_windows, len(emb)), len(emb) + 1)), 1)
+            ctxs.append(self._context(emb, length))
+            target = y[i]
+            if seqs is self.train_seqs and a.prefix_targets and length < len(emb):
+                target = self._prefix_target(self.train_tracks[i], target, length)
+            targets.append(target)
         return _pad(ctxs), torch.from_numpy(np.stack(targets))
+
+    def _prefix_target(self, track: Track, song: np.ndarray, length: int) -> np.ndarray:
+        """Targets of a song's first ``length`` windows: the tags their audio holds."""
+        timeline = track.extra.get("timeline")
+        if timeline is None:
+            return song
+        end_s = (length - 1) * self.recipe.aggregator.hop_s + WINDOW_S
+        tags, undecided = prefix_labels({"tags": list(track.tags), "timeline": timeline}, end_s)
+        target = song.copy()
+        target[self.eval_columns] = 0.0
+        target[[self.tag_index[t] for t in tags]] = 1.0
+        target[[self.tag_index[t] for t in undecided]] = np.nan
+        return target
 
     def loss_inputs(self, model: nn.Module, inputs, gen: torch.Generator):
         emb, valid = inputs

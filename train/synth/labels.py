@@ -390,3 +390,58 @@ def window_labels(record: Mapping[str, Any], start_s: float, end_s: float) -> se
         if overlap_length([(bd["start"], bd["end"])], start_s, end_s) >= 0.5 * length:
             tags.add("breakdown")
     return tags
+
+
+# How much of a new section a listener must have heard before a prefix of the song counts as
+# containing the change: two windows of new key, new tempo, or drums back after a breakdown.
+PREFIX_HEARD_S = 7.5
+
+
+def prefix_labels(record: Mapping[str, Any], end_s: float) -> tuple[set[str], set[str]]:
+    """Song tags of the audio heard so far, ``[0, end_s]``, and the tags still undecided.
+
+    What a live track context has heard when it has received ``end_s`` seconds: training the
+    aggregator on growing contexts with the whole song's tags would teach it that a breakdown
+    or a key change can be heard before it happens. Returns ``(tags, undecided)``; a tag in
+    neither set is absent from the prefix. A prefix holds only the song's own tags; at or
+    past the song's end it holds exactly them.
+
+    - genres: the song's; instruments and drums: the song's that sound >= 2 s in the prefix;
+    - slow/fast and major/minor: the tempo and key covering most of the prefix;
+    - key_change / tempo_change: the change lies >= :data:`PREFIX_HEARD_S` before ``end_s``;
+      undecided between the change and then;
+    - breakdown: the drums have been back for :data:`PREFIX_HEARD_S`; undecided once the
+      drums have been silent for :data:`BREAKDOWN_MIN_S` and until then.
+    """
+    song = set(record["tags"])
+    timeline = record["timeline"]
+    if end_s >= timeline["duration"]:
+        return song, set()
+    if end_s <= 0:
+        raise MidiRuleError(f"empty prefix [0, {end_s}]")
+    genres = set(tags_in_group("genre"))
+    tags = song & genres
+    for tag, intervals in timeline["instruments"].items():
+        if tag in song and overlap_length([tuple(i) for i in intervals], 0.0,
+                                          end_s) >= INSTRUMENT_MIN_S:
+            tags.add(tag)
+    tags |= tempo_tags(_most_covering(timeline["tempos"], 0.0, end_s, 2)) & song
+    mode = _most_covering(timeline["keys"], 0.0, end_s, 3)
+    if mode in song:
+        tags.add(mode)
+    undecided: set[str] = set()
+    events = timeline.get("events", {})
+    for name in ("key_change", "tempo_change"):
+        if name in song and name in events:
+            t = events[name]["time"]
+            if end_s >= t + PREFIX_HEARD_S:
+                tags.add(name)
+            elif end_s > t:
+                undecided.add(name)
+    if "breakdown" in song and "breakdown" in events:
+        bd = events["breakdown"]
+        if end_s >= bd["end"] + PREFIX_HEARD_S:
+            tags.add("breakdown")
+        elif end_s >= bd["start"] + BREAKDOWN_MIN_S:
+            undecided.add("breakdown")
+    return tags, undecided

@@ -326,3 +326,28 @@ def test_masked_bce_ignores_missing_targets_and_equals_bce_without_them():
     assert torch.allclose(loss, expected)
     loss.backward()
     assert logits.grad[0, 1] == 0 and logits.grad[1, 2] == 0 and logits.grad[0, 0] != 0
+
+
+def test_a_tonal_aggregator_learns_on_chroma_and_cut_songs_get_their_prefix_tags(toy,
+                                                                                 tmp_path):
+    r = _recipe(toy, optim={"max_steps": 4})
+    tagger = train(TaggerTask(r), r, tmp_path / "tagger", progress=False)
+    ar = _recipe(toy, name="agg", stage="aggregator",
+                 model={"size": "debug", "init": str(tagger)},
+                 aggregator={"max_windows": 4, "hop_s": 1.0, "chroma": True},
+                 optim={"max_steps": 4, "lr": 1e-3})
+    task = AggregatorTask(ar, tmp_path / "agg")
+    d_model = task.base.tagger.cfg.d_model
+    assert task.train_seqs[0][0].shape[1] == d_model + 12  # the chroma profile follows
+    # A song whose drums come in at 4 s: its first windows do not have them yet.
+    song = Track("s", "s.flac", ("drums",), "train", 10.0, extra={"timeline": {
+        "duration": 10.0, "instruments": {"drums": [[4.0, 10.0]]}, "keys": [], "tempos": [],
+        "events": {}}})
+    y = np.zeros(len(task.tags), np.float32)
+    y[task.tags.index("drums")] = 1.0
+    assert task._prefix_target(song, y, 2)[task.tags.index("drums")] == 0.0  # 0-4.7 s
+    assert task._prefix_target(song, y, 4)[task.tags.index("drums")] == 1.0  # 0-6.7 s
+    best = train(task, ar, tmp_path / "agg", progress=False)
+    model = load_model(best)
+    assert model.tagger.cfg.chroma_bins == 12 and model.aggregator.cfg.chroma_bins == 12
+    assert model.aggregator.cfg.d_in == d_model + 12

@@ -481,3 +481,28 @@ def test_failing_songs_are_retried_then_reported(tmp_path: Path,
     assert record["attempt"] == 1 and record["seed"] == plan.song_seed("train", 2, 0, 1)
     failures = read_manifest(tmp_path / "failures.jsonl")
     assert failures[0]["index"] == 1 and "simulated" in failures[0]["error"]
+
+
+def test_prefix_labels_hold_only_what_has_been_heard() -> None:
+    midi = new_midi()
+    onsets = [0.5 * i for i in range(120) if not 20.0 <= 0.5 * i < 30.0]
+    add_track(midi, drum_track(onsets))
+    add_track(midi, notes_track(0, 0, [(0.0, 10.0, 60)]))
+    add_track(midi, notes_track(1, 65, [(40.0, 45.0, 70)]))
+    synth_midi.add_marker(midi, 0, synth_midi.key_marker(0, "major"))
+    pad_to(midi, 60.0)
+    record = {"tags": labels.midi_tags(midi, ["jazz"]), "timeline": labels.midi_timeline(midi)}
+    assert {"breakdown", "saxophone"} <= set(record["tags"])
+    tags, undecided = labels.prefix_labels(record, 15.0)
+    assert tags == {"jazz", "piano", "drums", "major"} and not undecided
+    # 10 s of silent drums: a breakdown is possible but not yet heard to end
+    tags, undecided = labels.prefix_labels(record, 29.0)
+    assert "breakdown" not in tags and undecided == {"breakdown"}
+    tags, undecided = labels.prefix_labels(record, 25.0)  # 5 s of silence: no breakdown yet
+    assert "breakdown" not in tags and not undecided
+    # drums back for PREFIX_HEARD_S: the breakdown is heard; the saxophone not yet
+    tags, undecided = labels.prefix_labels(record, 30.0 + labels.PREFIX_HEARD_S)
+    assert "breakdown" in tags and "saxophone" not in tags and not undecided
+    assert labels.prefix_labels(record, 60.0) == (set(record["tags"]), set())
+    with pytest.raises(labels.MidiRuleError):
+        labels.prefix_labels(record, 0.0)
