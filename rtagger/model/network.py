@@ -381,8 +381,13 @@ class ContextAggregator(nn.Module):
         return out
 
     def _template_scores(self, chroma: torch.Tensor) -> torch.Tensor:
-        """``(..., 12)`` profiles -> ``(..., templates)``: each template's best transposition."""
-        rolled = chroma[..., self.rotations]  # (..., 12 transpositions, 12)
+        """``(..., 12)`` profiles -> ``(..., templates)``: each template's best transposition.
+
+        Profiles are centred and scaled (sum 1 -> deviations from the flat profile in units
+        of its level) so that scores are of order one.
+        """
+        centred = CHROMA_BINS * chroma - 1.0
+        rolled = centred[..., self.rotations]  # (..., 12 transpositions, 12)
         return torch.matmul(rolled, self.templates.t()).amax(dim=-2)
 
     def _with_tonal(self, e: torch.Tensor, chroma: torch.Tensor, w: torch.Tensor):

@@ -80,11 +80,13 @@ def _song_scores(row: Row) -> np.ndarray:
     return row.songs[row.level.split("/", 1)[1]]
 
 
-def paired_delta(row: Row, ref: Row, n: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+def paired_delta(row: Row, ref: Row, n: int = 1000, seed: int = 0,
+                 group: str | None = None) -> tuple[float, float, float]:
     """Macro PR-AUC of ``row`` minus ``ref`` on the same songs, with a bootstrap 95% CI.
 
     Models with different vocabularies (v1 against v2) are compared on the tags both emit;
-    their truth on those tags must be the same.
+    their truth on those tags must be the same. ``group``: only the scored tags of that
+    tag group (genre, mode, structure, ...).
     """
     from rtagger.train.evaluation.evaluate import bootstrap_ci, macro_auc
 
@@ -92,6 +94,9 @@ def paired_delta(row: Row, ref: Row, n: int = 1000, seed: int = 0) -> tuple[floa
         raise ConfigError(f"{row.folder} and {ref.folder} were scored on different songs")
     mine, theirs = list(row.songs["tags"]), list(ref.songs["tags"])
     common = [t for t in theirs if t in set(mine)]
+    if group is not None:
+        scored = ref.metrics["per_tag"]
+        common = [t for t in common if scored.get(t, {}).get("group") == group]
     if not common:
         raise ConfigError(f"{row.folder} and {ref.folder} have no tag in common")
     ci, ri = [mine.index(t) for t in common], [theirs.index(t) for t in common]
@@ -136,6 +141,23 @@ def compare_markdown(rows: list[Row], reference: int = 0, costs: dict[str, dict]
         cells = [r.metrics["groups"].get(g, {}).get("pr_auc") for g in groups]
         lines.append(f"| {r.label} | " + " | ".join("-" if v is None else f"{v:.3f}"
                                                    for v in cells) + " |")
+    others = [r for r in rows if r is not ref]
+    if others:
+        lines += ["", f"Delta per tag group to {ref.label} (paired bootstrap 95% CI):", "",
+                  "| model | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
+        for r in others:
+            cells = []
+            for g in groups:
+                if ref.metrics["groups"].get(g, {}).get("pr_auc") is None:
+                    cells.append("-")  # the group has no scored tag
+                    continue
+                try:
+                    delta, low, high = paired_delta(r, ref, n=bootstrap, group=g)
+                except ConfigError:  # no scored tag of the group in common
+                    cells.append("-")
+                    continue
+                cells.append(f"{delta:+.3f} [{low:+.3f}, {high:+.3f}]")
+            lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
     chance = ref.metrics["macro"].get("pr_auc_chance")
     songs = len(ref.songs["ids"])
     lines += ["", f"{songs} songs; chance macro PR-AUC (mean tag prevalence) "

@@ -240,3 +240,27 @@ def test_paired_delta_compares_two_vocabularies_on_their_common_tags() -> None:
     relabelled = _row("relabelled", ["a", "b", "c", "d"], 1 - y, s)
     with pytest.raises(ConfigError, match="other labels"):
         paired_delta(relabelled, old)
+
+
+def test_compare_gives_each_tag_group_its_own_paired_interval() -> None:
+    from rtagger.train.evaluation.compare import compare_markdown
+    from rtagger.train.evaluation.evaluate import macro_auc
+
+    y, s = synthetic(n=120, n_tags=4, seed=3)
+    noisy = s.copy()
+    noisy[:, 2:] += 2.0 * np.random.default_rng(1).standard_normal((len(s), 2))
+    rows = []
+    for label, scores in (("ref", noisy), ("better", s)):
+        row = _row(label, ["a", "b", "c", "d"], y, scores)
+        per_tag = {t: {"group": g} for t, g in zip("abcd", ["genre", "genre", "mode", "mode"],
+                                                    strict=True)}
+        groups = {g: macro_auc(y[:, cols], scores[:, cols])
+                  for g, cols in (("genre", [0, 1]), ("mode", [2, 3]))}
+        row.metrics.update(per_tag=per_tag, groups={**groups, "era": {}})
+        rows.append(row)
+    genre, _, _ = paired_delta(rows[1], rows[0], n=100, group="genre")
+    mode, low, _ = paired_delta(rows[1], rows[0], n=100, group="mode")
+    assert genre == 0.0 and mode > 0 and low > 0  # only the mode tags were made noisy
+    text = compare_markdown(rows, bootstrap=100)
+    line = [x for x in text.splitlines() if x.startswith("| better |")][-1]
+    assert "+0.000 [+0.000, +0.000]" in line and line.endswith("| - |")  # era: no tag
