@@ -61,8 +61,9 @@ def test_debug_pipeline_runs_every_stage_and_resumes(tmp_path):
     text = table.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| mean") or
             line.startswith("| aggregator")]
-    assert len(rows) == 4  # overall table and per-group table
+    assert len(rows) == 5  # overall table, per-group table, per-group delta table
     assert "reference" in rows[0] and "[" in rows[1]  # delta with its interval
+    assert rows[4].startswith("| aggregator |") and "[" in rows[4]  # a group's interval
     assert "MACs/window" in text and "CPU ms/window" in text
     assert "| model | genre |" in text.split("per tag group")[1]
     # a second run finds every step done and changes nothing
