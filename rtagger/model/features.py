@@ -172,10 +172,6 @@ class Chroma(nn.Module):
                               return_complex=True)
             return chroma_profile(self.fbank, spec.abs())
 
-    def params(self) -> dict:
-        return {"n_fft": self.n_fft, "hop_length": self.hop_length, "bins": CHROMA_BINS,
-                "f_min": CHROMA_F_MIN_HZ, "f_max": CHROMA_F_MAX_HZ, "scale": "magnitude_l1"}
-
 
 def chroma_profile(fbank: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """``(batch, bins, frames)`` STFT magnitudes -> ``(batch, 12)`` normalised profile."""

@@ -359,13 +359,11 @@ class ContextAggregator(nn.Module):
             raise ConfigError(f"{t} windows exceed the aggregator context "
                               f"({self.cfg.max_windows})")
         w = (emb.new_ones(b, t, 1) if valid is None else valid.to(emb.dtype).unsqueeze(-1))
-        n_chroma = self.cfg.chroma_bins
-        window_emb = emb[..., : emb.shape[-1] - n_chroma]
-        tonal_out = None
-        if n_chroma:
-            chroma = emb[..., -n_chroma:]
-            window_emb, tonal_out = self._with_tonal(window_emb, chroma, w)
-        x = self.inp(window_emb)
+        e = emb[..., : emb.shape[-1] - self.cfg.chroma_bins]  # the tagger's CLS embeddings
+        window, tonal_out = e, None
+        if self.cfg.chroma_bins:
+            window, tonal_out = self._with_tonal(e, emb[..., e.shape[-1]:], w)
+        x = self.inp(window)
         x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1) + self.pos[:, : t + 1]
         pad = None
         if valid is not None:
@@ -376,8 +374,7 @@ class ContextAggregator(nn.Module):
         if tonal_out is not None:
             out = out + tonal_out
         if self.cfg.mean_skip:
-            e = emb[..., : emb.shape[-1] - n_chroma]
-            out = out + self.skip((e * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0))
+            out = out + self.skip(_masked_mean(e, w))
         return out
 
     def _template_scores(self, chroma: torch.Tensor) -> torch.Tensor:
@@ -398,10 +395,13 @@ class ContextAggregator(nn.Module):
         first (a key change shows as a shifted profile, the song's key does not matter) and
         its template scores. Per context: the template scores of the mean profile.
         """
-        mean = (chroma * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)  # (B, 12)
-        ref = mean.argmax(dim=-1)  # (B,)
-        idx = (torch.arange(CHROMA_BINS, device=chroma.device)[None, :] + ref[:, None]) \
-            % CHROMA_BINS  # (B, 12)
+        mean = _masked_mean(chroma, w)  # (B, 12)
+        idx = self.rotations[mean.argmax(dim=-1)]  # (B, 12): from the strongest class on
         relative = torch.gather(chroma, 2, idx[:, None, :].expand(-1, chroma.shape[1], -1))
         window = torch.cat([e, relative, self._template_scores(chroma)], dim=-1)
         return window, self.tonal_head(self._template_scores(mean))
+
+
+def _masked_mean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``(batch, windows, d)`` averaged over windows with weights ``(batch, windows, 1)``."""
+    return (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)

@@ -242,15 +242,21 @@ def test_remove_drums_and_placement_satisfy_the_rule() -> None:
     assert offs == len(info.drum_onsets)
 
 
-def test_window_labels_follow_the_timeline() -> None:
+def _breakdown_song(saxophone_s: float) -> dict:
+    """60 s of jazz in C major: drums with a 10 s gap at 20 s, piano 0-10 s, saxophone from
+    40 s for ``saxophone_s``; its manifest record (tags and timeline)."""
     midi = new_midi()
     onsets = [0.5 * i for i in range(120) if not 20.0 <= 0.5 * i < 30.0]
     add_track(midi, drum_track(onsets))
     add_track(midi, notes_track(0, 0, [(0.0, 10.0, 60)]))
-    add_track(midi, notes_track(1, 65, [(40.0, 41.0, 70)]))
+    add_track(midi, notes_track(1, 65, [(40.0, 40.0 + saxophone_s, 70)]))
     synth_midi.add_marker(midi, 0, synth_midi.key_marker(0, "major"))
     pad_to(midi, 60.0)
-    record = {"tags": labels.midi_tags(midi, ["jazz"]), "timeline": labels.midi_timeline(midi)}
+    return {"tags": labels.midi_tags(midi, ["jazz"]), "timeline": labels.midi_timeline(midi)}
+
+
+def test_window_labels_follow_the_timeline() -> None:
+    record = _breakdown_song(1.0)
     assert "saxophone" not in record["tags"]  # 1 s only
     assert labels.window_labels(record, 0.0, 3.69) == {"jazz", "piano", "drums", "major"}
     inside = labels.window_labels(record, 22.0, 25.69)
@@ -484,14 +490,7 @@ def test_failing_songs_are_retried_then_reported(tmp_path: Path,
 
 
 def test_prefix_labels_hold_only_what_has_been_heard() -> None:
-    midi = new_midi()
-    onsets = [0.5 * i for i in range(120) if not 20.0 <= 0.5 * i < 30.0]
-    add_track(midi, drum_track(onsets))
-    add_track(midi, notes_track(0, 0, [(0.0, 10.0, 60)]))
-    add_track(midi, notes_track(1, 65, [(40.0, 45.0, 70)]))
-    synth_midi.add_marker(midi, 0, synth_midi.key_marker(0, "major"))
-    pad_to(midi, 60.0)
-    record = {"tags": labels.midi_tags(midi, ["jazz"]), "timeline": labels.midi_timeline(midi)}
+    record = _breakdown_song(5.0)
     assert {"breakdown", "saxophone"} <= set(record["tags"])
     tags, undecided = labels.prefix_labels(record, 15.0)
     assert tags == {"jazz", "piano", "drums", "major"} and not undecided
