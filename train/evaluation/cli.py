@@ -84,6 +84,8 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
                                        help="Keep labelled_subset(tracks, F, seed) only; "
                                             "0.1 with seed 7 is the pool's held-out tenth."),
         subset_seed: int = typer.Option(0, "--subset-seed"),
+        part: str = typer.Option(None, "--part", help="tune or test: one half of the subset, "
+                                 "split by track; tune the segmenter on one, report the other."),
         min_track: float = typer.Option(0.0, "--min-track-s", help="Skip shorter tracks."),
         max_track: float = typer.Option(None, "--max-track-s",
                                         help="Use each track's middle this many seconds."),
@@ -98,7 +100,7 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
 
         try:
             tracks = select_tracks(read_manifest(manifest), subset_fraction=fraction,
-                                   subset_seed=subset_seed, min_track_s=min_track)
+                                   subset_seed=subset_seed, min_track_s=min_track, part=part)
             built = build_mixes(tracks, out, n, tracks_per_mix=per_mix,
                                 min_crossfade_s=min_fade, max_crossfade_s=max_fade,
                                 max_track_s=max_track, tempo_match=tempo_match, seed=seed)

@@ -69,11 +69,17 @@ class Mix:
     transitions: list[Transition] = field(default_factory=list)
 
 
+PARTS = ("tune", "test")
+
+
 def select_tracks(tracks: list[Track], *, subset_fraction: float = 1.0, subset_seed: int = 0,
-                  min_track_s: float = 0.0) -> list[Track]:
+                  min_track_s: float = 0.0, part: str | None = None) -> list[Track]:
     """``labelled_subset(tracks, subset_fraction, subset_seed)`` less tracks under ``min_track_s``.
 
     With fraction 0.1 and seed 7 on the pool this is its held-out tenth, never trained on.
+    ``part`` ("tune" or "test") keeps one half of that subset, the halves split by another
+    hash of the track id: segmentation settings tuned on mixes of one half are measured on
+    mixes of the other, which share no track with them.
     A track whose manifest has no duration is decoded to measure it.
     """
     from rtagger.train.data.pool import load_track_audio
@@ -82,13 +88,19 @@ def select_tracks(tracks: list[Track], *, subset_fraction: float = 1.0, subset_s
         raise ConfigError(f"subset fraction must be in (0, 1], got {subset_fraction}")
     if min_track_s < 0:
         raise ConfigError(f"shortest track must be >= 0 s, got {min_track_s}")
+    if part is not None and part not in PARTS:
+        raise ConfigError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
     subset = labelled_subset(tracks, subset_fraction, subset_seed)
+    if part is not None:
+        tune = {tr.id for tr in labelled_subset(subset, 0.5, subset_seed + 1)}
+        subset = [tr for tr in subset if (tr.id in tune) == (part == "tune")]
 
     def seconds(tr: Track) -> float:
         return tr.duration if tr.duration is not None else len(load_track_audio(tr)) / SAMPLE_RATE
     kept = [tr for tr in subset if min_track_s == 0 or seconds(tr) >= min_track_s]
-    log.info("mixing %d of %d tracks (subset %g seed %d: %d; %d shorter than %g s)", len(kept),
-             len(tracks), subset_fraction, subset_seed, len(subset), len(subset) - len(kept),
+    log.info("mixing %d of %d tracks (subset %g seed %d%s: %d; %d shorter than %g s)",
+             len(kept), len(tracks), subset_fraction, subset_seed,
+             "" if part is None else f", {part} half", len(subset), len(subset) - len(kept),
              min_track_s)
     return kept
 

@@ -192,6 +192,20 @@ def test_the_subset_is_exactly_labelled_subset_less_short_tracks(tmp_path):
     assert select_tracks(unknown, min_track_s=25.0) == [tracks[0]]  # measured: 2 s
 
 
+def test_the_tune_and_test_parts_split_the_subset_by_track(tmp_path):
+    tracks = [Track(f"t{i:03d}", str(tmp_path / "none.flac"), (), "unlabelled", 90.0)
+              for i in range(200)]
+    subset = select_tracks(tracks, subset_fraction=0.5, subset_seed=7)
+    tune = select_tracks(tracks, subset_fraction=0.5, subset_seed=7, part="tune")
+    test = select_tracks(tracks, subset_fraction=0.5, subset_seed=7, part="test")
+    assert not {t.id for t in tune} & {t.id for t in test}
+    assert sorted(tune + test, key=lambda t: t.id) == subset
+    assert 0.3 < len(tune) / len(subset) < 0.7
+    assert select_tracks(tracks, subset_fraction=0.5, subset_seed=7, part="tune") == tune
+    with pytest.raises(ConfigError, match="tune, test"):
+        select_tracks(tracks, part="valid")
+
+
 @pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
 def test_a_fraction_outside_zero_one_is_refused(fraction):
     with pytest.raises(ConfigError, match="fraction"):
