@@ -5,7 +5,7 @@ synthetic benchmark and the unlabelled pool, the feature cache, the teacher, pse
 the noisy students, the aggregator and the evaluations. Every step resumes on its own (data
 builds skip finished songs, training continues from ``last.pt``, pseudo-labelling skips
 finished shards, a finished evaluation is not redone), so the pipeline can be killed at any
-moment and started again; ``--only NAME`` runs a single step.
+moment and started again; ``--only NAME[,NAME...]`` runs just those steps, in the file's order.
 
 Step kinds (``[[steps]]`` tables, each with a ``name`` and ``run``):
 
@@ -108,15 +108,18 @@ def load_pipeline(path: str | Path) -> list[dict]:
 def run_pipeline(path: str | Path, root: str | Path = ".", only: str | None = None,
                  progress: bool = True) -> None:
     steps = load_pipeline(path)
-    if only is not None and only not in {s["name"] for s in steps}:
-        raise ConfigError(f"no step named {only!r} in {path}")
+    chosen = None if only is None else [n.strip() for n in only.split(",") if n.strip()]
+    if chosen is not None:
+        unknown = [n for n in chosen if n not in {s["name"] for s in steps}]
+        if unknown or not chosen:
+            raise ConfigError(f"no step named {', '.join(map(repr, unknown or [only]))} in {path}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     here = Path.cwd()
     os.chdir(root)  # every relative data/run path of the steps and recipes lands in root
     try:
         for step in steps:
-            if only is not None and step["name"] != only:
+            if chosen is not None and step["name"] not in chosen:
                 continue
             log.info("pipeline step %s (%s)", step["name"], step["run"])
             _STEPS[step["run"]](step, progress)

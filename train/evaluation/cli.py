@@ -1,4 +1,4 @@
-"""Evaluation commands: ``rtagger train evaluate|compare|segeval|realcheck``, ``data mixes``."""
+"""Evaluation commands: ``rtagger train evaluate|compare|segeval|realcheck|probe``, ``data mixes``."""
 
 from __future__ import annotations
 
@@ -108,6 +108,30 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
             raise _fail(e) from None
         hours = sum(m.duration_s for m in built) / 3600
         typer.echo(f"{len(built)} mixes of {len(tracks)} tracks, {hours:.2f} h, in {out}")
+
+    @train_app.command("probe")
+    def probe(
+        model: str = typer.Argument(..., help="Checkpoint (a file or 'default')."),
+        valid: Path = typer.Option(..., "--valid", help="Songs to fit the tempo regression."),
+        test: Path = typer.Option(..., "--test", help="Songs the rules are scored on."),
+        out: Path = typer.Option(..., "--out", "-o"),
+        hops: str = typer.Option(f"{WINDOW_S},1.0", "--hops", help="Window hops, seconds."),
+    ) -> None:
+        """How much of breakdown and tempo_change the window outputs hold (fixed rules)."""
+        from rtagger.train.data.manifest import read_manifest
+        from rtagger.train.evaluation.probe import probe as measure
+        from rtagger.train.evaluation.probe import report_markdown, write_report
+
+        try:
+            hop_list = tuple(float(v) for v in hops.split(","))
+        except ValueError:
+            raise _fail(RtaggerError(f"--hops {hops!r}: give seconds like 3.69,1.0")) from None
+        try:
+            report = measure(model, read_manifest(valid), read_manifest(test), hops=hop_list)
+            write_report(report, out)
+        except RtaggerError as e:
+            raise _fail(e) from None
+        typer.echo(report_markdown(report))
 
     @train_app.command("convergence")
     def convergence(

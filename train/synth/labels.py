@@ -357,6 +357,11 @@ def _most_covering(segments: Iterable[Sequence[Any]], start: float, end: float, 
     return max(cover, key=lambda k: cover[k]) if cover else None
 
 
+def window_bpm(timeline: Mapping[str, Any], start_s: float, end_s: float) -> float | None:
+    """The tempo covering most of ``[start_s, end_s]`` in a song's timeline."""
+    return _most_covering(timeline["tempos"], start_s, end_s, 2)
+
+
 def window_labels(record: Mapping[str, Any], start_s: float, end_s: float) -> set[str]:
     """Tags of the window ``[start_s, end_s]`` of a manifest record, from its timeline.
 

@@ -85,3 +85,19 @@ def test_compare_refuses_an_unfinished_evaluation(tmp_path):
     (tmp_path / "eval").mkdir()
     with pytest.raises(ConfigError, match=r"not a finished evaluation \(missing \['metrics"):
         load_row(str(tmp_path / "eval"))
+
+
+def test_only_runs_the_named_steps_in_file_order(tmp_path, monkeypatch):
+    from rtagger.errors import ConfigError
+    from rtagger.train import pipeline
+
+    recipe = tmp_path / "p.toml"
+    recipe.write_text("".join(f'[[steps]]\nname = "{n}"\nrun = "pool"\nout = "data/{n}.jsonl"\n\n'
+                              for n in ("a", "b", "c")))
+    ran = []
+    monkeypatch.setitem(pipeline._STEPS, "pool", lambda step, progress: ran.append(step["name"]))
+    run_pipeline(recipe, tmp_path, only="c, a", progress=False)
+    assert ran == ["a", "c"]
+    with pytest.raises(ConfigError, match=r"no step named 'x', 'y'"):
+        run_pipeline(recipe, tmp_path, only="a,x,y", progress=False)
+    assert ran == ["a", "c"]  # nothing runs when a name is wrong
