@@ -49,7 +49,8 @@ def _fail(e: Exception) -> typer.Exit:
 def pipeline(
     file: Path = typer.Argument(..., help="Pipeline TOML (train/recipes/pipeline*.toml)."),
     root: Path = typer.Option(Path("."), "--root", help="Folder for data/ and runs/."),
-    only: str = typer.Option(None, "--only", help="Run just these steps (comma-separated names), in the file's order."),
+    only: str = typer.Option(None, "--only", help="Run just these steps (comma-separated "
+                                                  "names), in the file's order."),
 ) -> None:
     """Run every step of a pipeline in order; each step resumes where it stopped."""
     from rtagger.train.pipeline import run_pipeline

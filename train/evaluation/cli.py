@@ -1,4 +1,4 @@
-"""Evaluation commands: ``rtagger train evaluate|compare|segeval|realcheck|probe``, ``data mixes``."""
+"""Evaluation commands: ``rtagger train evaluate|compare|segeval|realcheck|probe|...``."""
 
 from __future__ import annotations
 

@@ -332,6 +332,13 @@ def score_segmentation(tagged: list[tuple[Mix, list]], tags: list[str], *, hop_s
                          if near.size else None), **totals}
 
 
+def track_separation(tagged: list[tuple[Mix, list]]) -> dict:
+    """Embedding distances between and within tracks (:mod:`.separation`)."""
+    from rtagger.train.evaluation.separation import track_separation as measure
+
+    return measure(tagged)
+
+
 def evaluate_segmentation(model_path: str | Path, mixes: list[Mix], *, hop_s: float = 1.0,
                           tolerance_s: float = 3.0, cfg: SegmenterConfig | None = None,
                           progress: bool = True) -> dict:
@@ -339,7 +346,8 @@ def evaluate_segmentation(model_path: str | Path, mixes: list[Mix], *, hop_s: fl
     model = load_model(model_path)
     tagged = tag_mixes(model, mixes, hop_s=hop_s, progress=progress)
     return {"model": str(model_path), **score_segmentation(
-        tagged, model.tags, hop_s=hop_s, tolerance_s=tolerance_s, cfg=cfg)}
+        tagged, model.tags, hop_s=hop_s, tolerance_s=tolerance_s, cfg=cfg),
+        "separation": track_separation(tagged)}
 
 
 def sweep_segmentation(model_path: str | Path, mixes: list[Mix], thresholds: list[float],
@@ -359,7 +367,8 @@ def sweep_segmentation(model_path: str | Path, mixes: list[Mix], thresholds: lis
                                cfg=replace(base, threshold=t, confirm=c))
             for t in thresholds for c in confirms]
     best = max(rows, key=lambda r: (r["f_measure"], -r["false"]))
-    return {"model": str(model_path), "best": best, "grid": rows}
+    return {"model": str(model_path), "best": best, "grid": rows,
+            "separation": track_separation(tagged)}
 
 
 def _as_window(w):

@@ -263,3 +263,25 @@ def test_the_cli_refuses_bad_options_with_exit_code_2(tmp_path, songs, args, mes
     res = CliRunner().invoke(app, ["data", "mixes", "--manifest", str(manifest),
                                    "--out", str(tmp_path / "mixes"), *args])
     assert res.exit_code == 2 and message in res.output
+
+
+def test_separation_puts_two_tracks_apart_and_one_track_together(tmp_path):
+    from types import SimpleNamespace
+
+    from rtagger.train.evaluation.mixes import Mix, Transition
+    from rtagger.train.evaluation.separation import mix_distances, track_separation
+
+    rng = np.random.default_rng(0)
+    a, b = np.eye(8)[0], np.eye(8)[1]
+    windows = []
+    for s in np.arange(0.0, 116.0, 1.0):  # a change at 60 s, faded over 56-64 s
+        e = a if s + 3.69 <= 60 else b
+        windows.append(SimpleNamespace(start_s=s, end_s=s + 3.69,
+                                       embedding=e + 0.05 * rng.standard_normal(8)))
+    mix = Mix(tmp_path / "m.flac", [60.0], 120.0, ["x", "y"],
+              [Transition(8.0, 120.0, 120.0, 1.0)])
+    between, within = mix_distances(mix, windows)
+    assert len(between) == 1 and between[0] > 0.9
+    assert len(within) == 4 and max(within) < 0.05  # at 20, 30 s and 84, 94 s: un-faded
+    sep = track_separation([(mix, windows)])
+    assert sep["roc_auc"] == 1.0 and sep["within_above"]["0.1"] == 0.0
