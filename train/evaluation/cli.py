@@ -237,6 +237,9 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
         mixes_dir: Path = typer.Option(Path("data/mixes"), "--mixes"),
         hop: float = typer.Option(1.0, "--hop"),
         tolerance: float = typer.Option(3.0, "--tolerance", help="Seconds."),
+        within_crossfade: bool = typer.Option(
+            False, "--within-crossfade",
+            help="Measure the tolerance from each end of the crossfade, not its middle."),
         threshold: float = typer.Option(None, "--threshold", help="Segmenter cosine threshold."),
         confirm: int = typer.Option(None, "--confirm", min=1,
                                     help="Consecutive novel windows for a boundary."),
@@ -271,10 +274,11 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
                 confirms = ([int(v) for v in confirm_sweep.split(",")] if confirm_sweep
                             else [cfg.confirm])
                 result = sweep_segmentation(model, found, thresholds, confirms, hop_s=hop,
-                                            tolerance_s=tolerance, base=cfg)
+                                            tolerance_s=tolerance, base=cfg,
+                                            within_crossfade=within_crossfade)
             else:
                 result = evaluate_segmentation(model, found, hop_s=hop, tolerance_s=tolerance,
-                                               cfg=cfg)
+                                               cfg=cfg, within_crossfade=within_crossfade)
         except ValueError as e:
             raise _fail(RtaggerError(f"--sweep/--confirm-sweep: {e}")) from None
         except RtaggerError as e:

@@ -10,8 +10,9 @@ not phase-aligned. ``evaluate_segmentation`` plays every mix through the live pa
 :class:`~rtagger.live.session.StreamSession` (window tags from
 :class:`~rtagger.pipeline.tagger.Tagger` at the live hop) and scores the ``segment`` events
 it emits:
-boundary precision / recall / F-measure within a tolerance (default +-3 s) and false
-boundaries per hour of audio.
+boundary precision / recall / F-measure within a tolerance (default +-3 s of the crossfade's
+middle, or with ``within_crossfade`` +-3 s of the crossfade itself) and false boundaries per
+hour of audio.
 """
 
 from __future__ import annotations
@@ -268,17 +269,20 @@ def build_mixes(tracks: list[Track], out_dir: str | Path, n_mixes: int, *,
 
 
 def boundary_scores(true_s: list[float], found_s: list[float], duration_s: float,
-                    tolerance_s: float = 3.0) -> dict:
+                    tolerance_s: float = 3.0, widths_s: list[float] | None = None) -> dict:
     """Greedy one-to-one matching within the tolerance -> hits, misses, false alarms.
 
+    ``widths_s``: per true boundary, extra tolerance on each side (half its crossfade: a
+    change found anywhere in the crossfade, or within ``tolerance_s`` of it, is a hit).
     ``offsets``: for every found boundary, found minus the nearest true one (seconds), to
     see whether detections are early or late.
     """
     offsets = [f - min(true_s, key=lambda t: abs(t - f)) for f in found_s] if true_s else []
+    reach = dict(zip(true_s, widths_s or [0.0] * len(true_s), strict=True))
     unmatched = sorted(true_s)
     hits = 0
     for f in sorted(found_s):
-        near = [t for t in unmatched if abs(t - f) <= tolerance_s]
+        near = [t for t in unmatched if abs(t - f) <= tolerance_s + reach[t]]
         if near:
             unmatched.remove(min(near, key=lambda t: abs(t - f)))
             hits += 1
@@ -301,8 +305,11 @@ def tag_mixes(model: TaggingModel, mixes: list[Mix], *, hop_s: float = 1.0,
 
 
 def score_segmentation(tagged: list[tuple[Mix, list]], tags: list[str], *, hop_s: float,
-                       tolerance_s: float = 3.0, cfg: SegmenterConfig | None = None) -> dict:
-    """Play tagged mixes through the live session's segmenter and score its boundaries."""
+                       tolerance_s: float = 3.0, cfg: SegmenterConfig | None = None,
+                       within_crossfade: bool = False) -> dict:
+    """Play tagged mixes through the live session's segmenter and score its boundaries;
+    ``within_crossfade``: the tolerance reaches past each side of the crossfade, not its
+    middle (mixes that record their transitions)."""
     cfg = cfg or SegmenterConfig()
     totals = {"true": 0, "found": 0, "hits": 0, "false": 0, "duration_s": 0.0}
     offsets: list[float] = []
@@ -313,7 +320,9 @@ def score_segmentation(tagged: list[tuple[Mix, list]], tags: list[str], *, hop_s
         for w in windows:
             for event in session.add_window(_as_window(w), w.probs, w.embedding):
                 found.append(event["start_s"])
-        s = boundary_scores(mix.boundaries_s, found, mix.duration_s, tolerance_s)
+        widths = ([t.crossfade_s / 2 for t in mix.transitions]
+                  if within_crossfade and mix.transitions else None)
+        s = boundary_scores(mix.boundaries_s, found, mix.duration_s, tolerance_s, widths)
         for k in totals:
             totals[k] += s[k]
         offsets += s["offsets"]
@@ -322,7 +331,8 @@ def score_segmentation(tagged: list[tuple[Mix, list]], tags: list[str], *, hop_s
     r = totals["hits"] / totals["true"] if totals["true"] else 0.0
     f = 2 * p * r / (p + r) if p + r else 0.0
     hours = totals["duration_s"] / 3600
-    return {"mixes": len(tagged), "tolerance_s": tolerance_s, "hop_s": hop_s,
+    return {"mixes": len(tagged), "tolerance_s": tolerance_s,
+            "within_crossfade": within_crossfade, "hop_s": hop_s,
             "threshold": cfg.threshold, "confirm": cfg.confirm,
             "min_segment_s": cfg.min_segment_s, "precision": round(p, 4),
             "recall": round(r, 4), "f_measure": round(f, 4),
@@ -341,18 +351,20 @@ def track_separation(tagged: list[tuple[Mix, list]]) -> dict:
 
 def evaluate_segmentation(model_path: str | Path, mixes: list[Mix], *, hop_s: float = 1.0,
                           tolerance_s: float = 3.0, cfg: SegmenterConfig | None = None,
-                          progress: bool = True) -> dict:
+                          within_crossfade: bool = False, progress: bool = True) -> dict:
     """Boundary precision / recall / F-measure and false boundaries per hour on ``mixes``."""
     model = load_model(model_path)
     tagged = tag_mixes(model, mixes, hop_s=hop_s, progress=progress)
     return {"model": str(model_path), **score_segmentation(
-        tagged, model.tags, hop_s=hop_s, tolerance_s=tolerance_s, cfg=cfg),
+        tagged, model.tags, hop_s=hop_s, tolerance_s=tolerance_s, cfg=cfg,
+        within_crossfade=within_crossfade),
         "separation": track_separation(tagged)}
 
 
 def sweep_segmentation(model_path: str | Path, mixes: list[Mix], thresholds: list[float],
                        confirms: list[int], *, hop_s: float = 1.0, tolerance_s: float = 3.0,
-                       base: SegmenterConfig | None = None, progress: bool = True) -> dict:
+                       base: SegmenterConfig | None = None, within_crossfade: bool = False,
+                       progress: bool = True) -> dict:
     """Every (threshold, confirm) pair on the same tagged mixes; the best by F-measure.
 
     Tune on mixes of the validation split, then report the chosen setting on the test
@@ -364,7 +376,8 @@ def sweep_segmentation(model_path: str | Path, mixes: list[Mix], thresholds: lis
     model = load_model(model_path)
     tagged = tag_mixes(model, mixes, hop_s=hop_s, progress=progress)
     rows = [score_segmentation(tagged, model.tags, hop_s=hop_s, tolerance_s=tolerance_s,
-                               cfg=replace(base, threshold=t, confirm=c))
+                               cfg=replace(base, threshold=t, confirm=c),
+                               within_crossfade=within_crossfade)
             for t in thresholds for c in confirms]
     best = max(rows, key=lambda r: (r["f_measure"], -r["false"]))
     return {"model": str(model_path), "best": best, "grid": rows,

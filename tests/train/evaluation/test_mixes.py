@@ -53,6 +53,10 @@ def click_tracks(folder, bpms: list[float], seconds: float) -> list[Track]:
 def test_boundary_scores_match_one_to_one_within_tolerance():
     s = boundary_scores([30.0, 60.0, 90.0], [31.0, 32.0, 70.0, 89.5], 120.0, 3.0)
     assert (s["hits"], s["false"], s["true"], s["found"]) == (2, 2, 3, 4)
+    # a 16 s crossfade around 60 s: 70 s lies inside it (60 + 8 + 3 s reach), 89.5 s still hits
+    s = boundary_scores([30.0, 60.0, 90.0], [31.0, 32.0, 70.0, 89.5], 120.0, 3.0,
+                        [0.0, 8.0, 0.0])
+    assert (s["hits"], s["false"]) == (3, 1)
 
 
 @pytest.fixture()
@@ -101,6 +105,10 @@ def test_a_sweep_tags_once_and_scores_every_setting(songs, tmp_path, debug_model
     assert grid[(2.1, 1)]["found"] == 0  # no window is ever that far: no boundary
     assert grid[(-1.0, 1)]["found"] > 0  # every window is novel: a boundary when allowed
     assert r["best"]["f_measure"] == max(g["f_measure"] for g in r["grid"])
+    wide = sweep_segmentation(ckpt, mixes, [-1.0], [1], hop_s=1.0, within_crossfade=True,
+                              base=SegmenterConfig(min_segment_s=1.0), progress=False)
+    assert wide["grid"][0]["within_crossfade"] and not grid[(-1.0, 1)]["within_crossfade"]
+    assert wide["grid"][0]["hits"] >= grid[(-1.0, 1)]["hits"]
 
 
 @pytest.mark.parametrize("bpm", [100.0, 128.0, 72.0, 165.0])
