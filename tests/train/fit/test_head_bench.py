@@ -41,7 +41,7 @@ def test_the_synthetic_catalog_is_one_that_catalog_search_and_the_head_read(tmp_
         recs = cat.tracks(setup_id=setup.id, taggram=True, window_embeddings=True)
     assert setup.weights_sha256 == base.weights_sha256 and setup.model_source == "default"
     assert setup.tags == tuple(base.tags) and setup.aggregation == "mean"
-    assert setup.embedding_dim == base.tagger.cfg.d_model == built["embedding_dim"]
+    assert setup.embedding_dim == base.tagger.cfg.embedding_dim == built["embedding_dim"]
     assert len(recs) == 24 and sum(len(r.taggram) for r in recs) == built["windows"]
     present = built["_truth"]
     for i, r in enumerate(recs):
