@@ -35,6 +35,7 @@ from rtagger.pipeline.session import SegmenterConfig
 from rtagger.pipeline.tagger import Tagger
 from rtagger.train.data.manifest import Track
 from rtagger.train.data.windows import labelled_subset
+from rtagger.train.evaluation.separation import track_separation
 from rtagger.train.progress import Bar
 
 log = logging.getLogger(__name__)
@@ -340,13 +341,6 @@ def score_segmentation(tagged: list[tuple[Mix, list]], tags: list[str], *, hop_s
             "offset_s": ({q: round(float(np.percentile(near, v)), 2)
                           for q, v in (("p10", 10), ("median", 50), ("p90", 90))}
                          if near.size else None), **totals}
-
-
-def track_separation(tagged: list[tuple[Mix, list]]) -> dict:
-    """Embedding distances between and within tracks (:mod:`.separation`)."""
-    from rtagger.train.evaluation.separation import track_separation as measure
-
-    return measure(tagged)
 
 
 def evaluate_segmentation(model_path: str | Path, mixes: list[Mix], *, hop_s: float = 1.0,
