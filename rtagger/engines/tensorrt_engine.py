@@ -147,7 +147,7 @@ class TensorRTEngine:
         self.fallback_reason: str | None = None
         tagger = inference_copy(model.tagger).to(self._device)
         self.mel = tagger.mel  # fp32 torch front end on the same GPU
-        self.tagger = tagger  # for its chroma profile, computed in torch beside the mel
+        self.tagger = tagger  # for its chroma and tempo profiles, computed in torch
         sha = model.weights_sha256 or weights_sha256(model.state_dict())
         self.gpu_name = torch.cuda.get_device_name(self._device)
         self.trt_version = tensorrt_version()
@@ -193,9 +193,11 @@ class TensorRTEngine:
         out_p, out_e = [], []
         for start in range(0, x.shape[0], self.max_batch):
             batch = x[start : start + self.max_batch]
-            probs, emb = self.module(self.mel(batch))
-            # The chroma profile (a tagger that has one) is computed in torch, like the mel.
-            emb = self.tagger.with_chroma(emb.float(), batch)
+            mel = self.mel(batch)
+            probs, emb = self.module(mel)
+            # The chroma and tempo profiles (a tagger that has them) are computed in torch,
+            # like the mel.
+            emb = self.tagger.with_features(emb.float(), batch, mel)
             out_p.append(probs.float().cpu().numpy())
             out_e.append(emb.float().cpu().numpy())
         return np.concatenate(out_p), np.concatenate(out_e)

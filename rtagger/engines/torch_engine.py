@@ -59,9 +59,9 @@ class WindowModel(nn.Module):
         self.chroma = chroma
 
     def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mel = self.tagger.mel if self.mel is None else self.mel
-        logits, emb = self.tagger.forward_mel(mel(windows))
-        emb = self.tagger.with_chroma(emb.float(), windows, self.chroma)
+        mel = (self.tagger.mel if self.mel is None else self.mel)(windows)
+        logits, emb = self.tagger.forward_mel(mel)
+        emb = self.tagger.with_features(emb.float(), windows, mel, self.chroma)
         return torch.sigmoid(logits.float()), emb
 
 

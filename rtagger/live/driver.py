@@ -210,7 +210,8 @@ async def tag_live(model: TaggingModel, engine: Engine, blocks: AsyncIterator[np
     """
     aggregator = model.aggregator if aggregation != "mean" else None
     worker = InferenceWorker(engine, aggregator)
-    session = StreamSession(stream_id, start, model.tags, aggregator)
+    session = StreamSession(stream_id, start, model.tags, aggregator,
+                            segment_dims=model.tagger.cfg.d_model)
     conn = Connection()  # the server's state machine: start -> audio* -> end
     conn.event(start)
     driver = SessionDriver(session, worker, emit).start()

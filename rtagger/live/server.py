@@ -396,6 +396,7 @@ class TagServer:
         sid = self._admit(start)  # no await before the registration: admission is exact
         c = self.config
         session = StreamSession(sid, start, self.model.tags, self.worker.aggregator,
+                                segment_dims=self.model.tagger.cfg.d_model,
                                 max_duration_s=c.max_duration_s,
                                 max_upload_bytes=c.max_upload_bytes,
                                 max_upload_s=c.max_upload_s)

@@ -38,7 +38,7 @@ from rtagger.audio.progressive import (
 from rtagger.audio.ringbuffer import Window
 from rtagger.errors import AudioError
 from rtagger.live.protocol import ProtocolError, Start, decode_pcm, error_msg, top_tags
-from rtagger.model.network import ContextAggregator
+from rtagger.model.aggregator import ContextAggregator
 from rtagger.pipeline.session import SegmenterConfig, TrackSession
 
 
@@ -47,12 +47,13 @@ class StreamSession(TrackSession):
 
     def __init__(self, stream_id: str, start: Start, tags: list[str],
                  aggregator: ContextAggregator | None, *, max_duration_s: float = 6 * 3600.0,
-                 segmenter: SegmenterConfig | None = None,
+                 segmenter: SegmenterConfig | None = None, segment_dims: int | None = None,
                  max_upload_bytes: int = DEFAULT_MAX_BYTES,
                  max_upload_s: float = DEFAULT_MAX_DURATION_S) -> None:
         super().__init__(tags, aggregator, sample_rate=start.sample_rate,
                          channels=start.channels, hop=round(start.hop_s * SAMPLE_RATE),
-                         source=stream_id, segment=start.segment, segmenter=segmenter)
+                         source=stream_id, segment=start.segment, segmenter=segmenter,
+                         segment_dims=segment_dims)
         self.stream_id = stream_id
         self.start = start
         self.max_duration_s = max_duration_s

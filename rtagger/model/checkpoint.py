@@ -27,13 +27,11 @@ import torch
 from rtagger.atomic import atomic_path
 from rtagger.audio.decode import SAMPLE_RATE, WINDOW_SAMPLES
 from rtagger.errors import CheckpointError, ConfigError
+from rtagger.model.aggregator import AggregatorConfig, ContextAggregator, aggregator_config
 from rtagger.model.features import LogMel
 from rtagger.model.network import (
-    AggregatorConfig,
     ChunkTagger,
-    ContextAggregator,
     TaggerConfig,
-    aggregator_config,
     config_from_dict,
     config_to_dict,
     tagger_config,
@@ -146,7 +144,8 @@ def build_untrained(size: str, tags: list[str] | None = None, seed: int = 0,
         agg = None
         if with_aggregator:
             agg = ContextAggregator(aggregator_config(size, len(tags), tagger.cfg.embedding_dim,
-                                                         chroma_bins=tagger.cfg.chroma_bins))
+                                                         chroma_bins=tagger.cfg.chroma_bins,
+                                                         tempo_bins=tagger.cfg.tempo_bins))
     finally:
         torch.random.set_rng_state(gen_state)
     model = TaggingModel(tagger, agg, tags, tag_groups(tags),

@@ -10,15 +10,9 @@ import torch
 from torch import nn
 
 from rtagger.audio.decode import WINDOW_SAMPLES
-from rtagger.model.features import Chroma, LogMel
-from rtagger.model.network import (
-    SIZES,
-    ChunkTagger,
-    ContextAggregator,
-    SelfAttention,
-    aggregator_config,
-    tagger_config,
-)
+from rtagger.model.aggregator import ContextAggregator, aggregator_config
+from rtagger.model.features import Chroma, LogMel, Tempo
+from rtagger.model.network import SIZES, ChunkTagger, SelfAttention, tagger_config
 
 
 def count_macs(model: nn.Module, *inputs: torch.Tensor) -> int:
@@ -58,6 +52,11 @@ def count_macs(model: nn.Module, *inputs: torch.Tensor) -> int:
         fft = (m.n_fft // 2) * int(torch.log2(torch.tensor(m.n_fft)).item()) * 4
         total += b * frames * (fft + m.fbank.numel())
 
+    def tempo_hook(m: Tempo, inp, out):
+        nonlocal total
+        b, _, frames = inp[0].shape
+        total += b * (len(m.lags) * frames + m.weights_t.numel())  # lagged products, bins
+
     hooks = []
     for mod in model.modules():
         if isinstance(mod, nn.Conv2d):
@@ -70,6 +69,8 @@ def count_macs(model: nn.Module, *inputs: torch.Tensor) -> int:
             hooks.append(mod.register_forward_hook(mel_hook))
         elif isinstance(mod, Chroma):
             hooks.append(mod.register_forward_hook(chroma_hook))
+        elif isinstance(mod, Tempo):
+            hooks.append(mod.register_forward_hook(tempo_hook))
     try:
         was_training = model.training
         model.eval()

@@ -1,4 +1,4 @@
-"""Models: the Music Tagging Transformer for 3.69 s windows and the track-context aggregator.
+"""The window tagger: the Music Tagging Transformer for 3.69 s windows.
 
 ``ChunkTagger`` (Won, Choi & Serra, ISMIR 2021): waveform window -> log-mel (128 bands) ->
 residual CNN front end (3x3 conv blocks; pooling (2,2),(2,2),(2,1) over (freq, time)) ->
@@ -6,12 +6,10 @@ flatten channels x bands and project to ``d_model`` -> CLS token + learned posit
 pre-norm transformer encoder -> LayerNorm -> linear head. It returns per-window tag logits
 and the CLS embedding.
 
-``ContextAggregator`` (multiple-instance learning): a small transformer over the sequence of
-window embeddings of a track or segment; its CLS gives track-level logits. Track labels
-supervise it; windows carry none.
-
-Sizes are named configs: ``teacher`` (the paper's), ``student`` (the real-time model, about
-1/10 of the teacher's multiply-accumulates per window) and ``debug`` (tiny, for tests).
+The track-context aggregator that reads these embeddings is in
+:mod:`rtagger.model.aggregator`. Sizes are named configs: ``large`` (the paper's teacher),
+``small`` (the real-time student, about 1/10 of its multiply-accumulates per window),
+``tiny`` and ``debug`` (for tests).
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from torch import nn
 
 from rtagger.audio.decode import FRAMES_PER_WINDOW, N_MELS
 from rtagger.errors import ConfigError
-from rtagger.model.features import CHROMA_BINS, Chroma, LogMel
+from rtagger.model.features import CHROMA_BINS, TEMPO_BINS, Chroma, LogMel, Tempo
 
 
 @dataclass(frozen=True)
@@ -45,10 +43,12 @@ class TaggerConfig:
     # 12: the window's chroma profile (rtagger.model.features.Chroma) follows the CLS
     # embedding in the embedding output, for a context aggregator that needs key and mode.
     chroma_bins: int = 0
+    # 16: the window's onset periodicity (rtagger.model.features.Tempo) comes last, for an
+    # aggregator that needs tempo changes.
+    tempo_bins: int = 0
 
     def __post_init__(self) -> None:
-        if self.chroma_bins not in (0, CHROMA_BINS):
-            raise ConfigError(f"chroma_bins must be 0 or {CHROMA_BINS}, got {self.chroma_bins}")
+        check_profile_bins(self.chroma_bins, self.tempo_bins)
         if self.pooling not in ("cls", "mean"):
             raise ConfigError(f"pooling must be 'cls' or 'mean', got {self.pooling!r}")
         if self.pooling == "cls" and self.n_layers == 0:
@@ -61,8 +61,9 @@ class TaggerConfig:
 
     @property
     def embedding_dim(self) -> int:
-        """Size of the embedding output: the CLS embedding, then the chroma profile if any."""
-        return self.d_model + self.chroma_bins
+        """Size of the embedding output: the CLS embedding, then the chroma profile and the
+        tempo profile if any."""
+        return self.d_model + self.chroma_bins + self.tempo_bins
 
     @property
     def tokens(self) -> int:
@@ -80,32 +81,11 @@ class TaggerConfig:
         return f
 
 
-@dataclass(frozen=True)
-class AggregatorConfig:
-    n_tags: int
-    d_in: int  # embedding size of the window tagger
-    d_model: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    ff_mult: int = 4
-    dropout: float = 0.1
-    max_windows: int = 64  # bounded context: windows the aggregator attends over
-    # A mean-pooling path: a linear head on the mean window embedding (initialised from the
-    # tagger's head, so it starts as mean-pooled window logits) that the transformer,
-    # initialised to add nothing, learns to correct.
-    mean_skip: bool = False
-    # The last ``chroma_bins`` inputs of each window are its chroma profile (the tagger's
-    # ``chroma_bins``): read through transposition-invariant tonal features (see
-    # ContextAggregator), not as embedding dimensions.
-    chroma_bins: int = 0
-    tonal_templates: int = 16
-
-    def __post_init__(self) -> None:
-        if self.chroma_bins not in (0, CHROMA_BINS):
-            raise ConfigError(f"chroma_bins must be 0 or {CHROMA_BINS}, got {self.chroma_bins}")
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"d_model {self.d_model} is not divisible by n_heads "
-                              f"{self.n_heads}")
+def check_profile_bins(chroma_bins: int, tempo_bins: int) -> None:
+    if chroma_bins not in (0, CHROMA_BINS):
+        raise ConfigError(f"chroma_bins must be 0 or {CHROMA_BINS}, got {chroma_bins}")
+    if tempo_bins not in (0, TEMPO_BINS):
+        raise ConfigError(f"tempo_bins must be 0 or {TEMPO_BINS}, got {tempo_bins}")
 
 
 # Sizes are named by size; roles (teacher, student) are what a recipe does with one. "large"
@@ -117,17 +97,11 @@ SIZES: dict[str, dict] = {
     "tiny": {"conv_channels": 6, "d_model": 64, "n_layers": 1, "n_heads": 4, "ff_mult": 2},
     "debug": {"conv_channels": 8, "d_model": 32, "n_layers": 1, "n_heads": 2, "ff_mult": 2},
 }
-AGGREGATOR_SIZES: dict[str, dict] = {
-    "large": {"d_model": 128, "n_layers": 2, "n_heads": 4},
-    "small": {"d_model": 128, "n_layers": 2, "n_heads": 4},
-    "tiny": {"d_model": 64, "n_layers": 1, "n_heads": 4, "ff_mult": 2},
-    "debug": {"d_model": 32, "n_layers": 1, "n_heads": 2, "ff_mult": 2, "max_windows": 16},
-}
 # The role names sizes had before they were named by size.
 RENAMED_SIZES = {"teacher": "large", "student": "small"}
 
 
-def _size(size: str, table: dict[str, dict]) -> dict:
+def named_size(size: str, table: dict[str, dict]) -> dict:
     if size in RENAMED_SIZES:
         raise ConfigError(f"model size {size!r} is now called {RENAMED_SIZES[size]!r} (sizes "
                           f"are named by size: {', '.join(SIZES)})")
@@ -137,12 +111,7 @@ def _size(size: str, table: dict[str, dict]) -> dict:
 
 
 def tagger_config(size: str, n_tags: int, **overrides) -> TaggerConfig:
-    return TaggerConfig(n_tags=n_tags, **{**_size(size, SIZES), **overrides})
-
-
-def aggregator_config(size: str, n_tags: int, d_in: int, **overrides) -> AggregatorConfig:
-    return AggregatorConfig(n_tags=n_tags, d_in=d_in,
-                            **{**_size(size, AGGREGATOR_SIZES), **overrides})
+    return TaggerConfig(n_tags=n_tags, **{**named_size(size, SIZES), **overrides})
 
 
 def config_from_dict(cls, d: dict):
@@ -238,8 +207,9 @@ class ChunkTagger(nn.Module):
     ``forward(wave)``: ``(batch, WINDOW_SAMPLES)`` float32 at 16 kHz ->
     ``(logits (batch, n_tags), embedding (batch, d_model))``.
     ``forward_mel(mel)`` takes ``(batch, n_mels, frames)`` dB log-mels instead and returns
-    the CLS embedding alone; with ``chroma_bins`` the embedding of ``forward`` is
-    ``(batch, d_model + 12)``, the window's chroma profile appended (:meth:`with_chroma`).
+    the CLS embedding alone; with ``chroma_bins`` and ``tempo_bins`` the embedding of
+    ``forward`` is ``(batch, embedding_dim)``, the window's chroma and tempo profiles
+    appended (:meth:`with_features`).
     """
 
     def __init__(self, cfg: TaggerConfig) -> None:
@@ -247,6 +217,7 @@ class ChunkTagger(nn.Module):
         self.cfg = cfg
         self.mel = LogMel(n_mels=cfg.n_mels)
         self.chroma = Chroma() if cfg.chroma_bins else None
+        self.tempo = Tempo() if cfg.tempo_bins else None
         self.input_bn = nn.BatchNorm2d(1)  # learned input normalisation of the dB values
         blocks, c_in = [], 1
         for pool in cfg.pools:
@@ -271,20 +242,21 @@ class ChunkTagger(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """``mel_transform`` (training only) edits the log-mel, e.g. SpecAugment masks."""
         mel = self.mel(wave)
-        if mel_transform is not None:
-            mel = mel_transform(mel)
-        logits, emb = self.forward_mel(mel)
-        return logits, self.with_chroma(emb, wave)
+        logits, emb = self.forward_mel(mel if mel_transform is None else mel_transform(mel))
+        return logits, self.with_features(emb, wave, mel)
 
-    def with_chroma(self, emb: torch.Tensor, wave: torch.Tensor,
-                    chroma: nn.Module | None = None) -> torch.Tensor:
+    def with_features(self, emb: torch.Tensor, wave: torch.Tensor, mel: torch.Tensor,
+                      chroma: nn.Module | None = None) -> torch.Tensor:
         """The embedding output: ``emb`` (the CLS embedding from :meth:`forward_mel`), then
-        the windows' chroma profile when the config has one. ``chroma`` replaces the
-        tagger's own module (an export-friendly equivalent)."""
-        if self.chroma is None:
-            return emb
-        profile = (chroma or self.chroma)(wave)
-        return torch.cat([emb, profile.to(emb.dtype)], dim=-1)
+        the windows' chroma profile (from ``wave``) and tempo profile (from their log-mel
+        ``mel``) when the config has them. ``chroma`` replaces the tagger's own module (an
+        export-friendly equivalent)."""
+        parts = [emb]
+        if self.chroma is not None:
+            parts.append((chroma or self.chroma)(wave).to(emb.dtype))
+        if self.tempo is not None:
+            parts.append(self.tempo(mel).to(emb.dtype))
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else emb
 
     def forward_mel(self, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.input_bn(mel.unsqueeze(1))  # (B, 1, n_mels, frames)
@@ -300,108 +272,17 @@ class ChunkTagger(nn.Module):
         return self.head(emb), emb
 
 
-def with_chroma_profile(tagger: ChunkTagger) -> ChunkTagger:
-    """The same tagger (same weights, same logits) with the chroma profile after its
-    embedding: the profile has no learned parameters, so any trained tagger can gain it."""
-    if tagger.cfg.chroma_bins:
+def with_window_features(tagger: ChunkTagger, chroma: bool = True,
+                         tempo: bool = False) -> ChunkTagger:
+    """The same tagger (same weights, same logits) with the chroma and/or tempo profile
+    after its embedding: neither has learned parameters, so any trained tagger can gain
+    them. A profile the tagger has already stays."""
+    cfg = tagger.cfg
+    want = {"chroma_bins": CHROMA_BINS if chroma or cfg.chroma_bins else 0,
+            "tempo_bins": TEMPO_BINS if tempo or cfg.tempo_bins else 0}
+    if all(getattr(cfg, k) == v for k, v in want.items()):
         return tagger
-    cfg = TaggerConfig(**{**asdict(tagger.cfg), "chroma_bins": CHROMA_BINS})
+    cfg = TaggerConfig(**{**asdict(cfg), **want})
     out = ChunkTagger(cfg)
     out.load_state_dict(tagger.state_dict())
     return out.train(tagger.training)
-
-
-class ContextAggregator(nn.Module):
-    """Track-level tags from a sequence of window embeddings.
-
-    ``forward(emb, valid)``: ``emb`` (batch, windows, d_in), ``valid`` (batch, windows) bool
-    (True for real windows; None = all valid) -> track logits (batch, n_tags). Sequences
-    longer than ``max_windows`` must be reduced by the caller (see
-    :class:`rtagger.pipeline.aggregate.TrackContext`).
-    """
-
-    def __init__(self, cfg: AggregatorConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        d_emb = cfg.d_in - cfg.chroma_bins
-        d_window = d_emb
-        if cfg.chroma_bins:
-            k = cfg.tonal_templates
-            # Learned key profiles, scored at all 12 transpositions of a chroma profile; the
-            # best transposition's score is what the window (or the context) sounds like,
-            # whatever its key.
-            self.templates = nn.Parameter(torch.randn(k, CHROMA_BINS) * 0.1)
-            rot = (torch.arange(CHROMA_BINS)[None, :] + torch.arange(CHROMA_BINS)[:, None])
-            self.register_buffer("rotations", rot % CHROMA_BINS, persistent=False)
-            self.tonal_head = nn.Linear(k, cfg.n_tags)
-            nn.init.zeros_(self.tonal_head.weight)
-            nn.init.zeros_(self.tonal_head.bias)
-            d_window += CHROMA_BINS + k
-        self.inp = nn.Sequential(nn.LayerNorm(d_window), nn.Linear(d_window, cfg.d_model))
-        self.cls = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
-        self.pos = nn.Parameter(torch.zeros(1, cfg.max_windows + 1, cfg.d_model))
-        self.blocks = nn.ModuleList(
-            Block(cfg.d_model, cfg.n_heads, cfg.ff_mult, cfg.dropout, 0.0)
-            for _ in range(cfg.n_layers)
-        )
-        self.norm = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.n_tags)
-        nn.init.trunc_normal_(self.pos, std=0.02)
-        nn.init.trunc_normal_(self.cls, std=0.02)
-        if cfg.mean_skip:
-            self.skip = nn.Linear(d_emb, cfg.n_tags)
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
-
-    def forward(self, emb: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        b, t, _ = emb.shape
-        if t > self.cfg.max_windows:
-            raise ConfigError(f"{t} windows exceed the aggregator context "
-                              f"({self.cfg.max_windows})")
-        w = (emb.new_ones(b, t, 1) if valid is None else valid.to(emb.dtype).unsqueeze(-1))
-        e = emb[..., : emb.shape[-1] - self.cfg.chroma_bins]  # the tagger's CLS embeddings
-        window, tonal_out = e, None
-        if self.cfg.chroma_bins:
-            window, tonal_out = self._with_tonal(e, emb[..., e.shape[-1]:], w)
-        x = self.inp(window)
-        x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1) + self.pos[:, : t + 1]
-        pad = None
-        if valid is not None:
-            pad = torch.cat([valid.new_zeros(b, 1), ~valid], dim=1)  # CLS is never padded
-        for blk in self.blocks:
-            x = blk(x, pad)
-        out = self.head(self.norm(x[:, 0]))
-        if tonal_out is not None:
-            out = out + tonal_out
-        if self.cfg.mean_skip:
-            out = out + self.skip(_masked_mean(e, w))
-        return out
-
-    def _template_scores(self, chroma: torch.Tensor) -> torch.Tensor:
-        """``(..., 12)`` profiles -> ``(..., templates)``: each template's best transposition.
-
-        Profiles are centred and scaled (sum 1 -> deviations from the flat profile in units
-        of its level) so that scores are of order one.
-        """
-        centred = CHROMA_BINS * chroma - 1.0
-        rolled = centred[..., self.rotations]  # (..., 12 transpositions, 12)
-        return torch.matmul(rolled, self.templates.t()).amax(dim=-2)
-
-    def _with_tonal(self, e: torch.Tensor, chroma: torch.Tensor, w: torch.Tensor):
-        """Window inputs with transposition-invariant tonal features, and the context's
-        tonal logits.
-
-        Per window: its chroma rotated so that the context's strongest pitch class comes
-        first (a key change shows as a shifted profile, the song's key does not matter) and
-        its template scores. Per context: the template scores of the mean profile.
-        """
-        mean = _masked_mean(chroma, w)  # (B, 12)
-        idx = self.rotations[mean.argmax(dim=-1)]  # (B, 12): from the strongest class on
-        relative = torch.gather(chroma, 2, idx[:, None, :].expand(-1, chroma.shape[1], -1))
-        window = torch.cat([e, relative, self._template_scores(chroma)], dim=-1)
-        return window, self.tonal_head(self._template_scores(mean))
-
-
-def _masked_mean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``(batch, windows, d)`` averaged over windows with weights ``(batch, windows, 1)``."""
-    return (x * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)

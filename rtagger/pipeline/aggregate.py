@@ -8,7 +8,7 @@ Two aggregations:
 
 - ``mean``: the paper's baseline, window probabilities averaged, each window weighted by
   its fraction of real (non-padding) audio. Exact, O(1) memory.
-- ``aggregator``: the :class:`~rtagger.model.network.ContextAggregator` transformer over the
+- ``aggregator``: the :class:`~rtagger.model.aggregator.ContextAggregator` transformer over the
   embeddings of the current segment. Its context is bounded (``max_windows``): when a
   segment outgrows it, every other stored embedding is dropped and only every
   ``stride``-th later window is kept, so the context always spans the whole segment evenly
@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rtagger.model.network import ContextAggregator
+from rtagger.model.aggregator import ContextAggregator
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ import numpy as np
 
 from rtagger.audio.decode import SAMPLE_RATE, WINDOW_S, WINDOW_SAMPLES, Resampler
 from rtagger.audio.ringbuffer import Window, Windower
-from rtagger.model.network import ContextAggregator
+from rtagger.model.aggregator import ContextAggregator
 from rtagger.model.vocab import exclusive_indices
 from rtagger.pipeline.aggregate import TrackContext
 
@@ -46,11 +46,17 @@ class Segmenter:
     segment is at least ``min_segment_s`` long. The boundary belongs to the first of those
     windows, so a crossfade is attributed to the incoming track once it dominates; the
     session reports it at that window's centre.
+
+    ``dims``: compare the first ``dims`` values of each embedding only, the tagger's CLS
+    embedding (its ``d_model``) without the chroma and tempo profiles after it, which change
+    inside a track with its key and tempo; None compares all of it.
     """
 
-    def __init__(self, hop_s: float, cfg: SegmenterConfig | None = None) -> None:
+    def __init__(self, hop_s: float, cfg: SegmenterConfig | None = None,
+                 dims: int | None = None) -> None:
         self.cfg = cfg or SegmenterConfig()
         self.hop_s = hop_s
+        self.dims = dims
         self.reset()
 
     def reset(self) -> None:
@@ -68,7 +74,7 @@ class Segmenter:
         tail of a crossfade) is absorbed by the music that follows instead of keeping every
         later window novel forever.
         """
-        e = np.asarray(embedding, np.float64)
+        e = np.asarray(embedding[: self.dims], np.float64)
         e = e / (np.linalg.norm(e) + 1e-9)
         if self._sum is None or self._count == 0:
             self._sum, self._count = e.copy(), 1
@@ -152,19 +158,22 @@ class TrackSession:
     """One track's (or one stream's) state. Not thread-safe: one task drives it.
 
     ``hop`` is in samples at :data:`SAMPLE_RATE`; ``segment`` turns on track-change
-    detection (a DJ set); ``aggregator`` None means mean pooling of window probabilities.
+    detection (a DJ set), on the first ``segment_dims`` values of each embedding (see
+    :class:`Segmenter`); ``aggregator`` None means mean pooling of window probabilities.
     """
 
     def __init__(self, tags: list[str], aggregator: ContextAggregator | None, *,
                  sample_rate: int = SAMPLE_RATE, channels: int = 1,
                  hop: int = WINDOW_SAMPLES, source: str = "<stream>", segment: bool = False,
-                 segmenter: SegmenterConfig | None = None) -> None:
+                 segmenter: SegmenterConfig | None = None,
+                 segment_dims: int | None = None) -> None:
         self.tags = tags
         self.hop = hop
         self._resampler = Resampler(sample_rate, channels, source)
         self._windower = Windower(hop)
         self.context = TrackContext(len(tags), aggregator)
-        self.segmenter = Segmenter(hop / SAMPLE_RATE, segmenter) if segment else None
+        self.segmenter = (Segmenter(hop / SAMPLE_RATE, segmenter, segment_dims) if segment
+                          else None)
         self.stabilizer = TagStabilizer(len(tags), exclusive=exclusive_indices(tags))
         self.segment_id = 0
         self.segment_start_s = 0.0

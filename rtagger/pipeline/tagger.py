@@ -124,7 +124,8 @@ class Tagger:
         """A fresh :class:`TrackSession` with this tagger's hop and aggregation."""
         agg = None if self.aggregation == "mean" else self.model.aggregator
         return TrackSession(self.tags, agg, sample_rate=sample_rate, channels=channels,
-                            hop=self.hop, source=source)
+                            hop=self.hop, source=source,
+                            segment_dims=self.model.tagger.cfg.d_model)
 
     def run_windows(self, windows: list[Window]) -> list[WindowResult]:
         """Tag a batch of windows (any number; split into engine batches)."""

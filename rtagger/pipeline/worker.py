@@ -41,7 +41,7 @@ import numpy as np
 
 from rtagger.engines import Engine
 from rtagger.errors import RtaggerError
-from rtagger.model.network import ContextAggregator
+from rtagger.model.aggregator import ContextAggregator
 from rtagger.pipeline.aggregate import run_aggregator
 
 log = logging.getLogger(__name__)

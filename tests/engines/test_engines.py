@@ -264,12 +264,13 @@ def test_tensorrt_compiles_once_then_loads_from_cache(debug_model, windows, refe
     _check(second, windows, reference, *HALF_ATOL["fp16"])
 
 
-def test_a_tagger_with_a_chroma_profile_runs_alike_on_every_engine(debug_model, windows):
+def test_a_tagger_with_chroma_and_tempo_profiles_runs_alike_on_every_engine(debug_model,
+                                                                           windows):
     from rtagger.engines.onnx_engine import FourStepChroma
     from rtagger.model.checkpoint import TaggingModel
-    from rtagger.model.network import with_chroma_profile
+    from rtagger.model.network import with_window_features
 
-    tagger = with_chroma_profile(debug_model.tagger).eval()
+    tagger = with_window_features(debug_model.tagger, tempo=True).eval()
     model = TaggingModel(tagger, None, list(debug_model.tags), dict(debug_model.tag_groups),
                          name="debug-chroma", trained=False)
     x = torch.from_numpy(windows)
@@ -277,7 +278,7 @@ def test_a_tagger_with_a_chroma_profile_runs_alike_on_every_engine(debug_model, 
         logits, emb = tagger(x)
         assert float((FourStepChroma(tagger.chroma)(x) - tagger.chroma(x)).abs().max()) < 1e-5
     reference = torch.sigmoid(logits).numpy(), emb.numpy()
-    assert emb.shape[1] == tagger.cfg.embedding_dim == tagger.cfg.d_model + 12
+    assert emb.shape[1] == tagger.cfg.embedding_dim == tagger.cfg.d_model + 12 + 16
     _check(create_engine(model, "torch"), windows, reference)
     if importlib.util.find_spec("onnxruntime") is not None:
         _check(create_engine(model, "onnx"), windows, reference)

@@ -36,6 +36,17 @@ def test_segmenter_ignores_short_blips_and_young_segments():
     assert sum(young.update(e) for e in [a] * 5 + [b] * 5) == 0  # first track too short
 
 
+def test_segmenter_compares_the_cls_embedding_without_the_profiles_after_it():
+    rng = np.random.default_rng(2)
+    a = _unit(rng.standard_normal(16))
+    key_1, key_2 = np.eye(4)[0] * 3, np.eye(4)[2] * 3  # a key change inside one track
+    seq = [np.concatenate([a, key_1])] * 20 + [np.concatenate([a, key_2])] * 10
+    cfg = SegmenterConfig(threshold=0.3, confirm=3, min_segment_s=10)
+    cls_only, whole = Segmenter(1.0, cfg, dims=16), Segmenter(1.0, cfg)
+    assert sum(cls_only.update(e) for e in seq) == 0
+    assert sum(whole.update(e) for e in seq) == 3  # the whole vector: a change
+
+
 def test_stabilizer_hysteresis():
     st = TagStabilizer(1, on=0.5, off=0.3, dwell=2)
     seq = [0.6, 0.6, 0.45, 0.35, 0.2, 0.6, 0.2, 0.2, 0.7, 0.1, 0.1]

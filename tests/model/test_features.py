@@ -68,3 +68,38 @@ def test_chroma_profile_finds_the_pitch_classes_of_a_chord():
     assert set(np.argsort(profile)[-3:]) == {0, 4, 7}
     assert profile[[0, 4, 7]].sum() > 0.75
     assert not silent.any()
+
+
+def test_tempo_profile_peaks_at_the_beat_period_of_a_click_track():
+    from rtagger.model.features import (
+        TEMPO_BINS,
+        TEMPO_MAX_BPM,
+        TEMPO_MIN_BPM,
+        LogMel,
+        Tempo,
+        tempo_lag_filters,
+    )
+
+    lags, weights = tempo_lag_filters()
+    assert weights.shape == (TEMPO_BINS, len(lags))
+    torch.testing.assert_close(weights.sum(dim=1), torch.ones(TEMPO_BINS, dtype=torch.float64))
+    bins_bpm = np.geomspace(TEMPO_MAX_BPM, TEMPO_MIN_BPM, TEMPO_BINS)
+    rng = np.random.default_rng(0)
+    mel, tempo = LogMel(), Tempo()
+
+    def clicks(bpm: float) -> np.ndarray:
+        x = np.zeros(WINDOW_SAMPLES, np.float32)
+        for start in np.arange(0, WINDOW_SAMPLES - 200, 16000 * 60 / bpm).astype(int):
+            x[start : start + 200] = rng.normal(0, 0.5, 200)
+        return x
+
+    batch = torch.from_numpy(np.stack([clicks(b) for b in (90.0, 120.0, 150.0)]
+                                      + [np.zeros(WINDOW_SAMPLES, np.float32)]))
+    with torch.no_grad():
+        out = tempo(mel(batch)).numpy()
+        alone = tempo(mel(batch[1:2])).numpy()
+    for row, bpm in zip(out[:3], (90.0, 120.0, 150.0), strict=True):
+        assert abs(np.log2(bins_bpm[row.argmax()] / bpm)) < 0.1  # the nearest bin or next
+        assert row.max() > 0.3
+    assert not out[3].any()  # silence has no onsets to correlate
+    np.testing.assert_allclose(alone[0], out[1], atol=1e-5)  # a window's own, whatever the batch

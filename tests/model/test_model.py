@@ -7,13 +7,11 @@ import torch
 
 from rtagger.audio.decode import WINDOW_SAMPLES
 from rtagger.errors import ConfigError
+from rtagger.model.aggregator import AggregatorConfig, ContextAggregator, aggregator_config
 from rtagger.model.cost import count_macs
 from rtagger.model.network import (
-    AggregatorConfig,
     ChunkTagger,
-    ContextAggregator,
     TaggerConfig,
-    aggregator_config,
     config_from_dict,
     config_to_dict,
     tagger_config,
@@ -89,7 +87,7 @@ def test_cnn_only_baseline_mean_pools_the_tokens():
 
 
 def test_a_mean_skip_aggregator_starts_as_mean_pooled_window_logits():
-    from rtagger.model.network import aggregator_config
+    from rtagger.model.aggregator import aggregator_config
 
     tagger = ChunkTagger(tagger_config("debug", 5)).eval()
     agg = ContextAggregator(aggregator_config("debug", 5, tagger.cfg.d_model,
@@ -116,10 +114,10 @@ def test_sizes_are_named_by_size_and_old_role_names_say_so():
 
 
 def test_a_chroma_profile_follows_the_embedding_and_changes_no_logit():
-    from rtagger.model.network import with_chroma_profile
+    from rtagger.model.network import with_window_features
 
     tagger = ChunkTagger(tagger_config("debug", 5)).eval()
-    with_chroma = with_chroma_profile(tagger).eval()
+    with_chroma = with_window_features(tagger).eval()
     wave = torch.randn(2, WINDOW_SAMPLES) * 0.1
     with torch.no_grad():
         logits, emb = tagger(wave)
@@ -130,6 +128,48 @@ def test_a_chroma_profile_follows_the_embedding_and_changes_no_logit():
     torch.testing.assert_close(emb2[:, -12:].sum(dim=1), torch.ones(2))
     with pytest.raises(ConfigError, match="chroma_bins"):
         tagger_config("debug", 5, chroma_bins=7)
+
+
+def test_a_tempo_profile_comes_last_and_a_tagger_keeps_what_it_had():
+    from rtagger.model.network import with_window_features
+
+    tagger = ChunkTagger(tagger_config("debug", 5)).eval()
+    both = with_window_features(with_window_features(tagger), chroma=False, tempo=True).eval()
+    assert (both.cfg.chroma_bins, both.cfg.tempo_bins) == (12, 16)
+    assert with_window_features(both, chroma=False, tempo=False) is both
+    wave = torch.randn(2, WINDOW_SAMPLES) * 0.1
+    with torch.no_grad():
+        logits, emb = tagger(wave)
+        logits2, emb2 = both(wave)
+        tempo = both.tempo(both.mel(wave))
+    torch.testing.assert_close(logits, logits2)
+    assert emb2.shape[1] == both.cfg.embedding_dim == tagger.cfg.d_model + 12 + 16
+    torch.testing.assert_close(emb2[:, : tagger.cfg.d_model], emb)
+    torch.testing.assert_close(emb2[:, -16:], tempo)
+    with pytest.raises(ConfigError, match="tempo_bins"):
+        tagger_config("debug", 5, tempo_bins=8)
+
+
+def test_the_aggregator_reads_a_tempo_change_as_a_shift_of_the_tempo_profile():
+    torch.manual_seed(0)
+    d = 32 + 12 + 16
+    agg = ContextAggregator(aggregator_config("debug", 5, d, chroma_bins=12,
+                                              tempo_bins=16)).eval()
+    steady = torch.randn(1, 8, d)
+    steady[..., -16:] = torch.softmax(torch.randn(16), 0)  # one tempo throughout
+    changed = steady.clone()
+    changed[0, 4:, -16:] = torch.roll(steady[0, 4:, -16:], 2, dims=-1)  # faster from window 4
+    w = torch.ones(1, 8, 1)
+    with torch.no_grad():
+        _, a, _ = agg.window_inputs(steady, w)
+        _, b, _ = agg.window_inputs(changed, w)
+        agg(changed)
+    assert agg.inp[0].normalized_shape == (a.shape[-1],) == (32 + 12 + 16 + 16 + 16,)
+    torch.testing.assert_close(a[..., -32:-16], steady[..., -16:])  # the profile as it is
+    assert float(a[..., -16:].abs().max()) < 1e-6  # no deviation from the context's mean
+    deviation = b[0, :, -16:]
+    torch.testing.assert_close(deviation[:4], -deviation[4:])  # flips sign at the change
+    assert float(deviation.abs().max()) > 0.01
 
 
 def test_the_tonal_aggregator_does_not_depend_on_the_key():

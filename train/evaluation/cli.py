@@ -247,6 +247,10 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
                                                         "(tag once, score each; tune on valid)."),
         confirm_sweep: str = typer.Option(None, "--confirm-sweep",
                                           help="Confirm counts to try with --sweep, e.g. 2,4,6."),
+        whole_embedding: bool = typer.Option(
+            False, "--whole-embedding",
+            help="Compare the chroma and tempo profiles too, not the CLS embedding alone "
+                 "as the live segmenter does."),
         out: Path = typer.Option(None, "--out", "-o", help="Write the JSON result here."),
     ) -> None:
         """Track-change detection on simulated mixes: boundary F-measure, false boundaries/hour."""
@@ -275,10 +279,12 @@ def register(data_app: typer.Typer, train_app: typer.Typer) -> None:
                             else [cfg.confirm])
                 result = sweep_segmentation(model, found, thresholds, confirms, hop_s=hop,
                                             tolerance_s=tolerance, base=cfg,
-                                            within_crossfade=within_crossfade)
+                                            within_crossfade=within_crossfade,
+                                            whole_embedding=whole_embedding)
             else:
                 result = evaluate_segmentation(model, found, hop_s=hop, tolerance_s=tolerance,
-                                               cfg=cfg, within_crossfade=within_crossfade)
+                                               cfg=cfg, within_crossfade=within_crossfade,
+                                               whole_embedding=whole_embedding)
         except ValueError as e:
             raise _fail(RtaggerError(f"--sweep/--confirm-sweep: {e}")) from None
         except RtaggerError as e:

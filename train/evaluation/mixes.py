@@ -307,16 +307,17 @@ def tag_mixes(model: TaggingModel, mixes: list[Mix], *, hop_s: float = 1.0,
 
 def score_segmentation(tagged: list[tuple[Mix, list]], tags: list[str], *, hop_s: float,
                        tolerance_s: float = 3.0, cfg: SegmenterConfig | None = None,
-                       within_crossfade: bool = False) -> dict:
+                       within_crossfade: bool = False, dims: int | None = None) -> dict:
     """Play tagged mixes through the live session's segmenter and score its boundaries;
     ``within_crossfade``: the tolerance reaches past each side of the crossfade, not its
-    middle (mixes that record their transitions)."""
+    middle (mixes that record their transitions); ``dims``: the embedding values the
+    segmenter compares (see :class:`~rtagger.pipeline.session.Segmenter`)."""
     cfg = cfg or SegmenterConfig()
     totals = {"true": 0, "found": 0, "hits": 0, "false": 0, "duration_s": 0.0}
     offsets: list[float] = []
     for mix, windows in tagged:
         session = StreamSession("eval", Start(hop_s=hop_s, segment=True), tags, None,
-                                segmenter=cfg)
+                                segmenter=cfg, segment_dims=dims)
         found = []
         for w in windows:
             for event in session.add_window(_as_window(w), w.probs, w.embedding):
@@ -334,7 +335,7 @@ def score_segmentation(tagged: list[tuple[Mix, list]], tags: list[str], *, hop_s
     hours = totals["duration_s"] / 3600
     return {"mixes": len(tagged), "tolerance_s": tolerance_s,
             "within_crossfade": within_crossfade, "hop_s": hop_s,
-            "threshold": cfg.threshold, "confirm": cfg.confirm,
+            "threshold": cfg.threshold, "confirm": cfg.confirm, "dims": dims,
             "min_segment_s": cfg.min_segment_s, "precision": round(p, 4),
             "recall": round(r, 4), "f_measure": round(f, 4),
             "false_per_hour": round(totals["false"] / hours, 2) if hours else None,
@@ -343,22 +344,31 @@ def score_segmentation(tagged: list[tuple[Mix, list]], tags: list[str], *, hop_s
                          if near.size else None), **totals}
 
 
+def segment_dims(model: TaggingModel, whole_embedding: bool = False) -> int | None:
+    """The embedding values the live segmenter compares: the tagger's CLS embedding."""
+    return None if whole_embedding else model.tagger.cfg.d_model
+
+
 def evaluate_segmentation(model_path: str | Path, mixes: list[Mix], *, hop_s: float = 1.0,
                           tolerance_s: float = 3.0, cfg: SegmenterConfig | None = None,
-                          within_crossfade: bool = False, progress: bool = True) -> dict:
-    """Boundary precision / recall / F-measure and false boundaries per hour on ``mixes``."""
+                          within_crossfade: bool = False, whole_embedding: bool = False,
+                          progress: bool = True) -> dict:
+    """Boundary precision / recall / F-measure and false boundaries per hour on ``mixes``;
+    ``whole_embedding`` compares the chroma and tempo profiles too, unlike the live
+    segmenter."""
     model = load_model(model_path)
+    dims = segment_dims(model, whole_embedding)
     tagged = tag_mixes(model, mixes, hop_s=hop_s, progress=progress)
     return {"model": str(model_path), **score_segmentation(
         tagged, model.tags, hop_s=hop_s, tolerance_s=tolerance_s, cfg=cfg,
-        within_crossfade=within_crossfade),
-        "separation": track_separation(tagged)}
+        within_crossfade=within_crossfade, dims=dims),
+        "separation": track_separation(tagged, dims)}
 
 
 def sweep_segmentation(model_path: str | Path, mixes: list[Mix], thresholds: list[float],
                        confirms: list[int], *, hop_s: float = 1.0, tolerance_s: float = 3.0,
                        base: SegmenterConfig | None = None, within_crossfade: bool = False,
-                       progress: bool = True) -> dict:
+                       whole_embedding: bool = False, progress: bool = True) -> dict:
     """Every (threshold, confirm) pair on the same tagged mixes; the best by F-measure.
 
     Tune on mixes of the validation split, then report the chosen setting on the test
@@ -368,14 +378,15 @@ def sweep_segmentation(model_path: str | Path, mixes: list[Mix], thresholds: lis
 
     base = base or SegmenterConfig()
     model = load_model(model_path)
+    dims = segment_dims(model, whole_embedding)
     tagged = tag_mixes(model, mixes, hop_s=hop_s, progress=progress)
     rows = [score_segmentation(tagged, model.tags, hop_s=hop_s, tolerance_s=tolerance_s,
                                cfg=replace(base, threshold=t, confirm=c),
-                               within_crossfade=within_crossfade)
+                               within_crossfade=within_crossfade, dims=dims)
             for t in thresholds for c in confirms]
     best = max(rows, key=lambda r: (r["f_measure"], -r["false"]))
     return {"model": str(model_path), "best": best, "grid": rows,
-            "separation": track_separation(tagged)}
+            "separation": track_separation(tagged, dims)}
 
 
 def _as_window(w):

@@ -7,7 +7,8 @@ after each change of track, the crossfade left out (*between*), against the same
 inside a track, at every 10 s of its un-faded part where 20 s fit on both sides
 (*within*). The ROC-AUC of that distance for telling the two apart is the ceiling of any
 rule that compares such blocks; a within-track distance above the segmenter's threshold
-is a false boundary waiting to happen.
+is a false boundary waiting to happen. ``dims`` keeps the first values of each embedding
+only, as the segmenter does (its ``dims``).
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ def _distance(starts, ends, emb, left: tuple[float, float], right: tuple[float, 
     return None if x is None or y is None else float(1.0 - x @ y)
 
 
-def mix_distances(mix, windows) -> tuple[list[float], list[float]]:
+def mix_distances(mix, windows, dims: int | None = None) -> tuple[list[float], list[float]]:
     """``(between, within)`` distances of one tagged mix (see the module docstring)."""
     starts = np.array([w.start_s for w in windows])
     ends = np.array([w.end_s for w in windows])
-    emb = np.stack([w.embedding for w in windows]).astype(np.float64)
+    emb = np.stack([w.embedding[:dims] for w in windows]).astype(np.float64)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True) + 1e-9
     fades = [t.crossfade_s for t in mix.transitions] or [0.0] * len(mix.boundaries_s)
     between, within = [], []
@@ -57,13 +58,13 @@ def mix_distances(mix, windows) -> tuple[list[float], list[float]]:
     return between, within
 
 
-def track_separation(tagged: list[tuple]) -> dict:
+def track_separation(tagged: list[tuple], dims: int | None = None) -> dict:
     """Distances between and within tracks over tagged mixes, and their ROC-AUC."""
     from sklearn.metrics import roc_auc_score
 
     between, within = [], []
     for mix, windows in tagged:
-        b, w = mix_distances(mix, windows)
+        b, w = mix_distances(mix, windows, dims)
         between += b
         within += w
 

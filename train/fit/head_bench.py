@@ -99,7 +99,7 @@ def build_catalog(db: Path, spec: SyntheticSpec, model: str = "default") -> dict
     base = load_model(model)
     d = base.tagger.cfg.embedding_dim
     out_w = base.tagger.head.weight.detach().numpy().astype(np.float64)  # (n_tags, d_model)
-    # The output layer reads the CLS embedding only, not a chroma profile after it.
+    # The output layer reads the CLS embedding only, not the chroma or tempo profile after it.
     out_w = np.pad(out_w, ((0, 0), (0, d - out_w.shape[1])))
     out_b = base.tagger.head.bias.detach().numpy().astype(np.float64)
     rng = np.random.default_rng(spec.seed)

@@ -78,6 +78,9 @@ class AggregatorSection:
     # The frozen tagger's embedding gains each window's chroma profile (key and mode; see
     # rtagger.model.features.Chroma) and the aggregator its tonal features.
     chroma: bool = False
+    # ... and each window's tempo profile (its onset periodicity, for tempo changes; see
+    # rtagger.model.features.Tempo).
+    tempo: bool = False
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,8 @@ _ARCH_FIXED = {"tagger": {"n_tags", "dropout", "drop_path"},
 
 
 def _validate_arch(r: Recipe, where: str) -> None:
-    from rtagger.model.network import SIZES, AggregatorConfig, TaggerConfig, tagger_config
+    from rtagger.model.aggregator import AggregatorConfig
+    from rtagger.model.network import SIZES, TaggerConfig, tagger_config
 
     if r.model.size not in SIZES:
         try:

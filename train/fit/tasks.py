@@ -7,7 +7,7 @@ noisy student comes from the recipe: waveform augmentation, dropout, stochastic 
 Teacher, noisy student (expansion) and distilled compact student are this task with
 different recipes.
 
-``AggregatorTask`` trains a :class:`~rtagger.model.network.ContextAggregator` on sequences of
+``AggregatorTask`` trains a :class:`~rtagger.model.aggregator.ContextAggregator` on sequences of
 window embeddings from a frozen tagger, supervised by song labels, with sequences cut at
 random lengths and thinned exactly like the live track context
 (:func:`rtagger.pipeline.aggregate.context_indices`).
@@ -29,14 +29,9 @@ from torch import nn
 from rtagger.atomic import atomic_write
 from rtagger.audio.decode import SAMPLE_RATE, WINDOW_S
 from rtagger.errors import ConfigError
+from rtagger.model.aggregator import ContextAggregator, aggregator_config
 from rtagger.model.checkpoint import TaggingModel, load_model
-from rtagger.model.network import (
-    ChunkTagger,
-    ContextAggregator,
-    aggregator_config,
-    tagger_config,
-    with_chroma_profile,
-)
+from rtagger.model.network import ChunkTagger, tagger_config, with_window_features
 from rtagger.model.vocab import tag_groups, vocabulary_tags
 from rtagger.pipeline.aggregate import context_indices, pad_contexts
 from rtagger.train.data.cache import FeatureCache
@@ -180,8 +175,8 @@ class AggregatorTask:
                               f"checkpoint whose embeddings the aggregator reads")
         self.recipe = recipe
         self.base = load_model(recipe.model.init)
-        if a.chroma:
-            self.base.tagger = with_chroma_profile(self.base.tagger)
+        if a.chroma or a.tempo:
+            self.base.tagger = with_window_features(self.base.tagger, a.chroma, a.tempo)
         self.tags = self.base.tags
         self.cache = FeatureCache(d.cache)
         train_tracks = labelled_subset(read_manifest(d.labelled), d.labelled_fraction,
@@ -213,7 +208,8 @@ class AggregatorTask:
         tcfg = self.base.tagger.cfg
         cfg = aggregator_config(recipe.model.size, len(self.tags), tcfg.embedding_dim,
                                 dropout=recipe.model.dropout, max_windows=a.max_windows,
-                                **{"chroma_bins": tcfg.chroma_bins, **recipe.model.arch})
+                                **{"chroma_bins": tcfg.chroma_bins,
+                                   "tempo_bins": tcfg.tempo_bins, **recipe.model.arch})
         self.model = _seeded(recipe.seed, lambda: ContextAggregator(cfg))
         if cfg.mean_skip:  # start from mean-pooled window logits: the tagger's own head
             self.model.skip.load_state_dict(self.base.tagger.head.state_dict())
@@ -223,7 +219,9 @@ class AggregatorTask:
         ids = [t.id for t in tracks]
         if path.exists():
             z = np.load(path, allow_pickle=False)
-            if list(z["ids"]) == ids:
+            # The same songs embedded by a tagger with the same embedding output.
+            if (list(z["ids"]) == ids
+                    and z["emb"].shape[-1] == self.base.tagger.cfg.embedding_dim):
                 # Each z[key] reads the whole array again: read each once.
                 emb, probs = z["emb"], z["probs"]
                 return [(emb[a:b], probs[a:b]) for a, b in itertools.pairwise(z["offsets"])]

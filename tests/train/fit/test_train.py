@@ -328,17 +328,17 @@ def test_masked_bce_ignores_missing_targets_and_equals_bce_without_them():
     assert logits.grad[0, 1] == 0 and logits.grad[1, 2] == 0 and logits.grad[0, 0] != 0
 
 
-def test_a_tonal_aggregator_learns_on_chroma_and_cut_songs_get_their_prefix_tags(toy,
+def test_a_tonal_aggregator_learns_on_chroma_and_tempo_and_cut_songs_get_prefix_tags(toy,
                                                                                  tmp_path):
     r = _recipe(toy, optim={"max_steps": 4})
     tagger = train(TaggerTask(r), r, tmp_path / "tagger", progress=False)
     ar = _recipe(toy, name="agg", stage="aggregator",
                  model={"size": "debug", "init": str(tagger)},
-                 aggregator={"max_windows": 4, "hop_s": 1.0, "chroma": True},
+                 aggregator={"max_windows": 4, "hop_s": 1.0, "chroma": True, "tempo": True},
                  optim={"max_steps": 4, "lr": 1e-3})
     task = AggregatorTask(ar, tmp_path / "agg")
     d_model = task.base.tagger.cfg.d_model
-    assert task.train_seqs[0][0].shape[1] == d_model + 12  # the chroma profile follows
+    assert task.train_seqs[0][0].shape[1] == d_model + 12 + 16  # chroma, then tempo
     # A song whose drums come in at 4 s: its first windows do not have them yet.
     song = Track("s", "s.flac", ("drums",), "train", 10.0, extra={"timeline": {
         "duration": 10.0, "instruments": {"drums": [[4.0, 10.0]]}, "keys": [], "tempos": [],
@@ -350,4 +350,5 @@ def test_a_tonal_aggregator_learns_on_chroma_and_cut_songs_get_their_prefix_tags
     best = train(task, ar, tmp_path / "agg", progress=False)
     model = load_model(best)
     assert model.tagger.cfg.chroma_bins == 12 and model.aggregator.cfg.chroma_bins == 12
-    assert model.aggregator.cfg.d_in == d_model + 12
+    assert model.tagger.cfg.tempo_bins == 16 and model.aggregator.cfg.tempo_bins == 16
+    assert model.aggregator.cfg.d_in == d_model + 12 + 16
