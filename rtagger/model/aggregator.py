@@ -41,6 +41,10 @@ class AggregatorConfig:
     # The last ``tempo_bins`` inputs are the window's tempo profile (the tagger's
     # ``tempo_bins``), read as it is and as its deviation from the context's mean profile.
     tempo_bins: int = 0
+    # Each window's tag probabilities beside its embedding, from a frozen copy of the
+    # tagger's head: what the tagger hears in that window (its drums, for a breakdown)
+    # reaches the transformer as it is, not only through the embedding's directions.
+    window_probs: bool = False
 
     def __post_init__(self) -> None:
         check_profile_bins(self.chroma_bins, self.tempo_bins)
@@ -88,6 +92,10 @@ class ContextAggregator(nn.Module):
             nn.init.zeros_(self.tonal_head.weight)
             nn.init.zeros_(self.tonal_head.bias)
             d_window += CHROMA_BINS + k
+        if cfg.window_probs:
+            self.window_head = nn.Linear(d_emb, cfg.n_tags)  # the tagger's: load_window_head
+            self.window_head.requires_grad_(False)
+            d_window += cfg.n_tags
         self.inp = nn.Sequential(nn.LayerNorm(d_window), nn.Linear(d_window, cfg.d_model))
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.d_model))
         self.pos = nn.Parameter(torch.zeros(1, cfg.max_windows + 1, cfg.d_model))
@@ -139,7 +147,13 @@ class ContextAggregator(nn.Module):
             # change is a deviation that flips sign part-way through.
             tempo = emb[..., emb.shape[-1] - cfg.tempo_bins :]
             window = torch.cat([window, tempo, tempo - _masked_mean(tempo, w)[:, None]], dim=-1)
+        if cfg.window_probs:
+            window = torch.cat([window, torch.sigmoid(self.window_head(e))], dim=-1)
         return e, window, tonal_out
+
+    def load_window_head(self, head: nn.Linear) -> None:
+        """Copy the tagger's output layer: the window probabilities of ``window_probs``."""
+        self.window_head.load_state_dict(head.state_dict())
 
     def _template_scores(self, chroma: torch.Tensor) -> torch.Tensor:
         """``(..., 12)`` profiles -> ``(..., templates)``: each template's best transposition.

@@ -172,6 +172,20 @@ def test_the_aggregator_reads_a_tempo_change_as_a_shift_of_the_tempo_profile():
     assert float(deviation.abs().max()) > 0.01
 
 
+def test_an_aggregator_with_window_probs_reads_what_the_tagger_heard_in_each_window():
+    torch.manual_seed(0)
+    tagger = ChunkTagger(tagger_config("debug", 5)).eval()
+    agg = ContextAggregator(aggregator_config("debug", 5, tagger.cfg.d_model,
+                                              window_probs=True)).eval()
+    agg.load_window_head(tagger.head)
+    wave = torch.randn(3, WINDOW_SAMPLES) * 0.1
+    with torch.no_grad():
+        logits, emb = tagger(wave)
+        _, window, _ = agg.window_inputs(emb[None], torch.ones(1, 3, 1))
+    torch.testing.assert_close(window[0, :, -5:], torch.sigmoid(logits))
+    assert not any(p.requires_grad for p in agg.window_head.parameters())  # stays the tagger's
+
+
 def test_the_tonal_aggregator_does_not_depend_on_the_key():
     torch.manual_seed(0)
     d = 32 + 12

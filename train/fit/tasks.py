@@ -213,6 +213,8 @@ class AggregatorTask:
         self.model = _seeded(recipe.seed, lambda: ContextAggregator(cfg))
         if cfg.mean_skip:  # start from mean-pooled window logits: the tagger's own head
             self.model.skip.load_state_dict(self.base.tagger.head.state_dict())
+        if cfg.window_probs:
+            self.model.load_window_head(self.base.tagger.head)
 
     def _embed(self, tracks, hop: int, path: Path):
         """Embeddings and window probabilities of every window, cached in ``path``."""
