@@ -172,6 +172,25 @@ def test_the_aggregator_reads_a_tempo_change_as_a_shift_of_the_tempo_profile():
     assert float(deviation.abs().max()) > 0.01
 
 
+def test_split_score_finds_the_change_of_a_profile_and_ignores_padding_and_edges():
+    from rtagger.model.aggregator import split_score
+
+    slow, fast = torch.eye(4)[1], torch.eye(4)[3]
+    steady = slow.repeat(10, 1)[None]
+    changed = torch.cat([slow.repeat(5, 1), fast.repeat(5, 1)])[None]
+    edge = torch.cat([slow.repeat(9, 1), fast[None]])[None]  # one odd last window
+    w = torch.ones(1, 10, 1)
+    assert float(split_score(steady, w)) == 0.0
+    assert float(split_score(changed, w)) == pytest.approx(2.0)  # L1 of the two profiles
+    # a split needs max(3, 20 %) windows a side: 7 / 3 at best, not 9 / 1 (which gives 2)
+    assert float(split_score(edge, w)) == pytest.approx(2 / 3)
+    padded = torch.cat([changed, torch.full((1, 6, 4), 9.0)], dim=1)  # 6 padded windows
+    assert float(split_score(padded, torch.cat([w, torch.zeros(1, 6, 1)], dim=1))) == \
+        pytest.approx(2.0)
+    with pytest.raises(ConfigError, match="tempo_split needs"):
+        ContextAggregator(aggregator_config("debug", 5, 32, tempo_split=True))
+
+
 def test_an_aggregator_with_window_probs_reads_what_the_tagger_heard_in_each_window():
     torch.manual_seed(0)
     tagger = ChunkTagger(tagger_config("debug", 5)).eval()

@@ -333,7 +333,7 @@ def test_a_tonal_aggregator_learns_on_chroma_and_tempo_and_cut_songs_get_prefix_
     r = _recipe(toy, optim={"max_steps": 4})
     tagger = train(TaggerTask(r), r, tmp_path / "tagger", progress=False)
     ar = _recipe(toy, name="agg", stage="aggregator",
-                 model={"size": "debug", "init": str(tagger)},
+                 model={"size": "debug", "init": str(tagger), "arch": {"tempo_split": True}},
                  aggregator={"max_windows": 4, "hop_s": 1.0, "chroma": True, "tempo": True},
                  optim={"max_steps": 4, "lr": 1e-3})
     task = AggregatorTask(ar, tmp_path / "agg")
@@ -351,4 +351,5 @@ def test_a_tonal_aggregator_learns_on_chroma_and_tempo_and_cut_songs_get_prefix_
     model = load_model(best)
     assert model.tagger.cfg.chroma_bins == 12 and model.aggregator.cfg.chroma_bins == 12
     assert model.tagger.cfg.tempo_bins == 16 and model.aggregator.cfg.tempo_bins == 16
+    assert model.aggregator.cfg.tempo_split and model.aggregator.split_head.weight.shape[1] == 1
     assert model.aggregator.cfg.d_in == d_model + 12 + 16
