@@ -140,7 +140,8 @@ class ContextAggregator(nn.Module):
         if tonal_out is not None:
             out = out + tonal_out
         if self.cfg.tempo_split:
-            out = out + self.split_head(split_score(emb[..., -self.cfg.tempo_bins :], w))
+            split = split_score(emb[..., -self.cfg.tempo_bins :], w)
+            out = out + self.split_head(SPLIT_GAIN * split)
         if self.cfg.mean_skip:
             out = out + self.skip(_masked_mean(e, w))
         return out
@@ -194,6 +195,9 @@ class ContextAggregator(nn.Module):
 
 SPLIT_MIN_WINDOWS = 3
 SPLIT_MIN_FRACTION = 0.2  # of the context's windows, on each side of a split
+# The score is ~0.1-1 and its head starts at zero: Adam moves a weight by about the learning
+# rate per step, so without a gain 1,000 steps left it at 0.2 (a logit change under 0.2).
+SPLIT_GAIN = 8.0
 
 
 def split_score(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
