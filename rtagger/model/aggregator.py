@@ -129,6 +129,7 @@ class ContextAggregator(nn.Module):
                               f"({self.cfg.max_windows})")
         w = (emb.new_ones(b, t, 1) if valid is None else valid.to(emb.dtype).unsqueeze(-1))
         e, window, tonal_out = self.window_inputs(emb, w)
+        _, _, tempo = self._parts(emb)
         x = self.inp(window)
         x = torch.cat([self.cls.expand(b, -1, -1), x], dim=1) + self.pos[:, : t + 1]
         pad = None
@@ -140,8 +141,7 @@ class ContextAggregator(nn.Module):
         if tonal_out is not None:
             out = out + tonal_out
         if self.cfg.tempo_split:
-            split = split_score(emb[..., -self.cfg.tempo_bins :], w)
-            out = out + self.split_head(SPLIT_GAIN * split)
+            out = out + self.split_head(SPLIT_GAIN * split_score(tempo, w))
         if self.cfg.mean_skip:
             out = out + self.skip(_masked_mean(e, w))
         return out
@@ -149,20 +149,26 @@ class ContextAggregator(nn.Module):
     def window_inputs(self, emb: torch.Tensor, w: torch.Tensor):
         """``(batch, windows, d_in)`` and weights ``(batch, windows, 1)`` -> the CLS
         embeddings, each window's input to the transformer and the tonal logits (or None)."""
-        cfg = self.cfg
-        d_emb = emb.shape[-1] - cfg.chroma_bins - cfg.tempo_bins
-        e = emb[..., :d_emb]  # the tagger's CLS embeddings
+        e, chroma, tempo = self._parts(emb)
         window, tonal_out = e, None
-        if cfg.chroma_bins:
-            window, tonal_out = self._with_tonal(e, emb[..., d_emb : d_emb + cfg.chroma_bins], w)
-        if cfg.tempo_bins:
+        if chroma is not None:
+            window, tonal_out = self._with_tonal(e, chroma, w)
+        if tempo is not None:
             # Each window's tempo profile and how it differs from the context's: a tempo
             # change is a deviation that flips sign part-way through.
-            tempo = emb[..., emb.shape[-1] - cfg.tempo_bins :]
             window = torch.cat([window, tempo, tempo - _masked_mean(tempo, w)[:, None]], dim=-1)
-        if cfg.window_probs:
+        if self.cfg.window_probs:
             window = torch.cat([window, torch.sigmoid(self.window_head(e))], dim=-1)
         return e, window, tonal_out
+
+    def _parts(self, emb: torch.Tensor):
+        """The tagger's embedding output split into its CLS embeddings, chroma profiles and
+        tempo profiles (None for a profile the config has not)."""
+        d_emb = self.cfg.d_in - self.cfg.chroma_bins - self.cfg.tempo_bins
+        d_chroma = d_emb + self.cfg.chroma_bins
+        return (emb[..., :d_emb],
+                emb[..., d_emb:d_chroma] if self.cfg.chroma_bins else None,
+                emb[..., d_chroma:] if self.cfg.tempo_bins else None)
 
     def load_window_head(self, head: nn.Linear) -> None:
         """Copy the tagger's output layer: the window probabilities of ``window_probs``."""
